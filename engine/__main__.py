@@ -1,0 +1,3 @@
+from iws_engine.cli import main
+
+raise SystemExit(main())
