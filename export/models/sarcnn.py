@@ -84,3 +84,29 @@ def count_params_per_layer(model: SarCNN) -> tuple[int, ...]:
 
     blocks = [n(b) for b in (model.block1, model.block2, model.block3, model.block4)]
     return (*blocks, 0, n(model.dense1), n(model.dense2))
+
+
+def from_weights(loaded) -> SarCNN:
+    """Build an eval-mode SarCNN from `iws_engine.export.weights.LoadedWeights`."""
+    if loaded.meta.model != "sarcnn":
+        raise ValueError(f"{loaded.path}: weights are for model {loaded.meta.model!r}, not 'sarcnn'")
+    model = SarCNN(eps=loaded.meta.bn_epsilon)
+    state = {k: torch.from_numpy(v.copy()) for k, v in loaded.tensors.items()}
+    expected = set(model.state_dict())
+    got = set(state) | {k for k in expected if k.endswith("num_batches_tracked")}
+    if got != expected:
+        raise ValueError(
+            f"{loaded.path}: tensors do not match SAR_CNN v2 "
+            f"(missing {sorted(expected - got)}, unexpected {sorted(got - expected)})"
+        )
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def state_to_numpy(model: SarCNN) -> dict:
+    """Trainable weights and BatchNorm statistics as float32 NumPy arrays (no step counters)."""
+    return {
+        k: v.detach().cpu().numpy().astype("float32")
+        for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
