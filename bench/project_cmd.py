@@ -1,0 +1,101 @@
+"""``iws-engine project``: the paper's operational projections (Tables 5-7) for a throughput.
+
+    iws-engine project (--throughput IMG_PER_S | --from BENCH.json) [--daily N] [--archive N]
+                       [--retrains 2,4] [--json]
+
+Prints a Markdown table (or the JSON of :func:`iws_engine.bench.projection.project` with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from iws_engine.bench.projection import (
+    DEFAULT_ARCHIVE_IMAGES,
+    DEFAULT_DAILY_IMAGES,
+    DEFAULT_RETRAINS,
+    format_projection_markdown,
+    project,
+    project_from_bench,
+)
+
+
+def _retrains(text: str) -> tuple[int, ...]:
+    """``"2,4"`` -> (2, 4)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--throughput", type=_positive_float, metavar="IMG_PER_S",
+                        help="measured throughput in images per second")
+    source.add_argument("--from", dest="bench_json", type=Path, metavar="BENCH_JSON",
+                        help="read the throughput from a bench JSON (ours or the paper's *_inference.json)")
+    parser.add_argument("--throughput-key", metavar="DOTTED.PATH",
+                        help="where the throughput is in BENCH_JSON (default: try the known layouts)")
+    parser.add_argument("--daily", type=_positive_int, default=DEFAULT_DAILY_IMAGES, metavar="N",
+                        help="images per day in the live feed (default: %(default)s)")
+    parser.add_argument("--archive", type=_positive_int, default=DEFAULT_ARCHIVE_IMAGES, metavar="N",
+                        help="images in the archive (default: %(default)s)")
+    parser.add_argument("--retrains", type=_retrains, default=DEFAULT_RETRAINS, metavar="R[,R...]",
+                        help="archive re-classifications per year (default: 2,4)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the projection; 0 on success, 2 on unusable input (message on stderr)."""
+    volumes = {"daily_images": args.daily, "archive_images": args.archive, "retrains": args.retrains}
+    try:
+        if args.bench_json is not None:
+            result = project_from_bench(args.bench_json, key=args.throughput_key, **volumes)
+        else:
+            result = project(args.throughput, **volumes)
+    except (OSError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"iws-engine project: {message}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_projection_markdown(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point until the lead wires this into ``iws-engine``."""
+    parser = argparse.ArgumentParser(prog="iws-engine project", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""The Python API for embedding the engine in a worker.
+
+    from iws_engine import Classifier
+    with Classifier() as clf:                       # embedded default model, ONNX Runtime on the CPU
+        for row in clf.classify(["/data/vignettes"]):
+            print(row.path, row.score, row.decision, row.error)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from iws_engine import backends
+from iws_engine.backends.base import sigmoid
+from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, CpuLoader
+from iws_engine.outputs import Row
+from iws_engine.pipeline import RunStats, expand_inputs, score_batches
+
+
+class Classifier:
+    """A loaded model + backend + loader; reuse it for many calls (loading costs more than a batch)."""
+
+    def __init__(self, weights: str | Path | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
+                 precision: str = "fp32", batch_size: int = 64, threshold: float | None = None,
+                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        from iws_engine.export import weights as weights_io
+
+        path = Path(weights) if weights is not None else weights_io.default_weights_path()
+        self.weights = weights_io.load(path)
+        self.meta = self.weights.meta
+        self.spec = self.meta.preprocess
+        self.threshold = float(self.meta.threshold if threshold is None else threshold)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
+        self.model_id = self.weights.model_id
+        self.batch_size = batch_size
+        self.backend = backends.create(backend, precision=precision, device=device)
+        self.backend.load(self.weights, (self.spec.channels, *self.spec.size))
+        self.loader = CpuLoader(self.spec, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+        self.last_stats = RunStats()
+
+    def classify(self, inputs: Iterable[str | Path | bytes], stats: RunStats | None = None) -> Iterator[Row]:
+        """One row per input (files, directories expanded, or PNG bytes), in order; errors are rows."""
+        self.last_stats = stats if stats is not None else RunStats()
+        return score_batches(self.loader.batches(_expand_mixed(inputs)), self.backend, threshold=self.threshold,
+                             model_id=self.model_id, stats=self.last_stats)
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Probabilities for already preprocessed inputs (N, C, H, W) float32."""
+        out = np.empty((inputs.shape[0],), np.float32)
+        for i in range(0, inputs.shape[0], self.batch_size):
+            self.backend.infer(inputs[i:i + self.batch_size], out[i:i + self.batch_size])
+        return sigmoid(out)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Classifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _expand_mixed(inputs):
+    for x in inputs:
+        if isinstance(x, (bytes, bytearray, memoryview)):
+            yield x
+        else:
+            yield from expand_inputs([x])
+
+
+def classify(inputs: Iterable[str | Path | bytes], **options) -> list[Row]:
+    """One-shot convenience: classify `inputs` with a fresh Classifier(**options)."""
+    with Classifier(**options) as clf:
+        return list(clf.classify(inputs))

@@ -1,0 +1,56 @@
+"""ONNX Runtime: the fastest CPU backend (CPU execution provider, intra-op threads = cores).
+
+CUDA/TensorRT execution providers are used when an onnxruntime-gpu install offers them and
+`device="cuda"` is asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from iws_engine.backends.base import Backend, BackendError, cpu_cores
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, precision: str = "fp32", device: str = "cpu", threads: int | None = None):
+        if precision != "fp32":
+            raise BackendError(f"onnxruntime backend: only fp32 is supported here, not {precision!r}")
+        super().__init__(precision, device)
+        self.threads = threads
+
+    def _load_impl(self, model) -> None:
+        import onnxruntime as ort
+
+        from iws_engine.export.onnx import onnx_bytes_for
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads or cpu_cores()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        if self.device.startswith("cuda"):
+            wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+            if not wanted:
+                raise BackendError(f"onnxruntime backend: no CUDA execution provider in this install ({available})")
+            providers = [*wanted, "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(onnx_bytes_for(model), sess_options=opts, providers=providers)
+        self._input = self._session.get_inputs()[0].name
+        self._output = self._session.get_outputs()[0].name
+        self.providers = self._session.get_providers()
+
+    def _infer_impl(self, batch, out: np.ndarray) -> None:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        (y,) = self._session.run([self._output], {self._input: x})
+        out[:] = y.reshape(-1)
+
+    def _close_impl(self) -> None:
+        self._session = None
+
+    def versions(self) -> dict[str, str]:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__}

@@ -1,0 +1,316 @@
+"""The `iws-engine` command line. Each subcommand imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from iws_engine import __version__
+
+EXIT_OK, EXIT_INPUT_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+# ----- argument groups shared by subcommands (same option, same spelling everywhere) -----
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--weights", dest="weights", type=Path, metavar="FILE",
+                   help="SAR_CNN weights (.safetensors from import-lux or train); default: the embedded model")
+    g.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"),
+                   help="inference backend (default: %(default)s, the fastest on CPU)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="(default: %(default)s)")
+
+
+def _add_loader_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("loading")
+    g.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="(default: %(default)s)")
+    g.add_argument("--workers", type=_positive_int, metavar="K", help="decoder threads (default: all cores)")
+    g.add_argument("--max-pixels", type=_positive_int, default=64_000_000, metavar="N",
+                   help="refuse PNGs with more pixels (decompression bombs; default: %(default)s)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _threshold(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"threshold must be within [0, 1], got {v}")
+    return v
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 539x528 (width x height), got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return w, h
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+# ----- commands -----
+def cmd_import_lux(args) -> int:
+    from iws_engine.export.lux import CheckpointError, import_lux
+
+    try:
+        meta = import_lux(args.checkpoint, args.output, threshold=args.threshold)
+    except CheckpointError as e:
+        print(f"iws-engine import-lux: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {args.output} (source sha256 {meta['source_sha256'][:12]}…, "
+          f"checkpoint {meta['source_timestamp']}, threshold {meta['threshold']})")
+    return EXIT_OK
+
+
+def run_classify(inputs, args, output: str | None, progress: bool):
+    """Classify `inputs`, stream rows to `output`; returns (rows written, failed, stats, classifier info)."""
+    from iws_engine.api import Classifier
+    from iws_engine.outputs import RowWriter
+    from iws_engine.pipeline import expand_inputs
+
+    items = list(expand_inputs(inputs))
+    clf = Classifier(args.weights, backend=args.backend, device=args.device, precision=args.precision,
+                     batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
+                     workers=args.workers, max_pixels=args.max_pixels)
+    failed = 0
+    with clf, RowWriter(output or "-") as writer, _progress(len(items), "classify", progress) as bar:
+        for row in clf.classify(items):
+            writer.write(row)
+            failed += not row.ok
+            bar.update(1)
+    return len(items), failed, clf.last_stats, clf
+
+
+def cmd_classify(args) -> int:
+    progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        n, failed, stats, clf = run_classify(args.inputs, args, args.output, progress)
+    except (ValueError, RuntimeError) as e:
+        print(f"iws-engine classify: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not clf.meta.trained:
+        print("warning: the model is randomly initialised: throughput is valid, scores are not", file=sys.stderr)
+    print(f"classified {n - failed}/{n} images in {stats.wall:.2f} s ({stats.throughput:.1f} img/s, "
+          f"{clf.backend.name} {clf.backend.precision}, model {clf.model_id}, threshold {clf.threshold:g})"
+          + (f"; {failed} failed (see the error column)" if failed else ""), file=sys.stderr)
+    return EXIT_INPUT_ERRORS if failed else EXIT_OK
+
+
+def cmd_synth(args) -> int:
+    from iws_engine.export.synth import generate
+
+    width, height = args.size
+    with _progress(args.n, "synth", not args.no_progress and sys.stderr.isatty()) as bar:
+        rows = generate(args.out, args.n, fmt=args.format, size=(width, height), seed=args.seed,
+                        positive_fraction=args.positive_fraction, workers=args.workers,
+                        progress=lambda k: bar.update(k - bar.n))
+    positives = sum(label for _, label in rows)
+    print(f"wrote {len(rows)} {args.format} {width}x{height} vignettes ({positives} with internal waves) "
+          f"and labels.csv to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from iws_engine.export.train import TrainConfig, train_main
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, max_lr=args.max_lr, weight_decay=args.weight_decay,
+                      label_smoothing=args.label_smoothing, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
+                      threads=args.threads)
+    return train_main(cfg, output=args.output, data=args.data, val_data=args.val_data, record=args.record)
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default: synthesise vignettes, classify them, summarise."""
+    import csv
+    import tempfile
+
+    import numpy as np
+
+    from iws_engine.bench.metrics import confusion_at, metrics_from_counts, roc_auc
+    from iws_engine.export.synth import generate
+    from iws_engine.outputs import read_rows
+
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="iws-demo-"))
+    data = out_dir / "vignettes"
+    progress = sys.stderr.isatty()
+    print(f"[1/3] synthesising {args.n} RGBA16 539x528 vignettes (seed {args.seed}) in {data}", file=sys.stderr)
+    t0 = time.perf_counter()
+    with _progress(args.n, "synth", progress) as bar:
+        generate(data, args.n, fmt="rgba16", seed=args.seed, progress=lambda k: bar.update(k - bar.n))
+    print(f"      {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print("[2/3] classifying them with the embedded default model (ONNX Runtime, CPU)", file=sys.stderr)
+    results = out_dir / "results.csv"
+    args.weights, args.device, args.precision, args.max_pixels, args.workers = None, "cpu", "fp32", 64_000_000, None
+    args.threshold = None
+    n, failed, stats, clf = run_classify([data], args, str(results), progress)
+    with open(data / "labels.csv", newline="") as f:
+        truth = {r["id"]: int(r["ground_truth"]) for r in csv.DictReader(f)}
+    rows = [r for r in read_rows(results) if r.ok]
+    labels = np.array([truth[Path(r.path).stem] for r in rows])
+    scores = np.array([r.score for r in rows])
+    counts = confusion_at(labels, scores, clf.threshold)
+    m = metrics_from_counts(counts.tp, counts.tn, counts.fp, counts.fn)
+    s = stats.stages
+    print("[3/3] summary", file=sys.stderr)
+    print(f"  images        {n} ({failed} failed)\n"
+          f"  model         {clf.model_id} ({clf.meta.model_name}), threshold {clf.threshold:g}\n"
+          f"  accuracy      {m['accuracy']:.4f}   F1 {m['f1']:.4f}   precision {m['precision']:.4f}   "
+          f"recall {m['recall']:.4f}   AUC {roc_auc(labels, scores):.4f}\n"
+          f"  confusion     TP {counts.tp}  FP {counts.fp}  TN {counts.tn}  FN {counts.fn}\n"
+          f"  throughput    {stats.throughput:.1f} img/s end to end (PNG bytes on disk -> scores), "
+          f"{stats.wall:.2f} s wall\n"
+          f"  stage CPU s   read {s.read:.2f}  decode {s.decode:.2f}  preprocess {s.preprocess:.2f}  "
+          f"inference {stats.infer:.2f} (wall)\n"
+          f"  results       {results}")
+    return EXIT_INPUT_ERRORS if failed else EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from iws_engine.bench import evaluate_cmd
+
+    if args.data:
+        import tempfile
+
+        scores = Path(tempfile.mkdtemp(prefix="iws-eval-")) / "scores.csv"
+        progress = sys.stderr.isatty()
+        run_classify(args.data, args, str(scores), progress)
+        args.scores = scores
+    if args.scores is None:
+        print("iws-engine evaluate: give DATA to classify, or --scores from an earlier classify run", file=sys.stderr)
+        return EXIT_USAGE
+    return evaluate_cmd.run(args)
+
+
+def cmd_project(args) -> int:
+    from iws_engine.bench import project_cmd
+
+    return project_cmd.run(args)
+
+
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+    import platform
+
+    from iws_engine.backends import BACKENDS
+    from iws_engine.backends.base import cpu_cores
+
+    print(f"iws-engine {__version__} on Python {platform.python_version()}, {cpu_cores()} cores")
+    for pkg in ("torch", "onnxruntime", "onnx", "numpy", "opencv-python-headless", "xgboost", "xgboost-cpu",
+                "cupy-cuda13x", "nvidia-nvcomp-cu13", "nvidia-dali-cuda130", "tensorrt", "torch-tensorrt"):
+        try:
+            print(f"  {pkg:24s} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    print("backends: " + ", ".join(BACKENDS))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iws-engine", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"iws-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("classify", help="classify PNG vignettes: one output row per input")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="PNG files or directories (searched recursively)")
+    _add_model_args(p)
+    _add_loader_args(p)
+    p.add_argument("--threshold", type=_threshold, help="decision threshold (default: the model's, 0.47 for IWS)")
+    p.add_argument("-o", "--output", metavar="OUT", help="results .csv, .jsonl or .parquet (default: CSV on stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("import-lux", help="convert the IWS Lux.jl checkpoint (JLD2) to safetensors")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT.jld2")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.safetensors")
+    p.add_argument("--threshold", type=_threshold, default=0.47, help="operating threshold to declare (default: %(default)s, the paper's)")
+    p.set_defaults(func=cmd_import_lux)
+
+    p = sub.add_parser("synth", help="write synthetic IWS-like SAR vignettes and labels.csv")
+    p.add_argument("out", type=Path, metavar="OUT")
+    p.add_argument("--n", type=_positive_int, default=100)
+    p.add_argument("--format", default="rgba16", choices=("rgba16", "gray8", "gray16", "rgb8"))
+    p.add_argument("--size", type=_size, default=(539, 528), metavar="WxH", help="(default: 539x528)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positive-fraction", type=float, default=0.5)
+    p.add_argument("--workers", type=_positive_int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train SAR_CNN v2 (AdamW, one-cycle, label smoothing, rotations)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.safetensors")
+    p.add_argument("--data", type=Path, help="training PNGs with labels.csv (default: synthesise --n-train)")
+    p.add_argument("--val-data", type=Path, help="validation PNGs with labels.csv (default: synthesise --n-val)")
+    p.add_argument("--n-train", type=_positive_int, default=1600)
+    p.add_argument("--n-val", type=_positive_int, default=400)
+    p.add_argument("--epochs", type=_positive_int, default=6)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--record", type=Path, help="also write the training record (JSON) here")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="AUC, F1-optimal threshold and sweep against labels (paper's schema)",
+                       conflict_handler="resolve")
+    p.add_argument("data", nargs="*", type=Path, metavar="DATA", help="PNG files/directories to classify first")
+    from iws_engine.bench import evaluate_cmd
+
+    evaluate_cmd.add_arguments(p)
+    _add_model_args(p)
+    _add_loader_args(p)
+    p.set_defaults(func=cmd_evaluate, threshold=None)
+
+    p = sub.add_parser("project", help="project a throughput to IWS volumes (paper's Tables 5-7)")
+    from iws_engine.bench import project_cmd
+
+    project_cmd.add_arguments(p)
+    p.set_defaults(func=cmd_project)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default: synthesise, classify, summarise")
+    p.add_argument("--n", type=_positive_int, default=200, help="vignettes to synthesise (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--out", type=Path, help="working folder (default: a new temporary folder)")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="versions and available backends")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

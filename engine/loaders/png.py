@@ -1,0 +1,561 @@
+"""PNG parsing, validation and fast CPU decoding for IWS vignettes.
+
+`parse_png` is the pure-Python host side: it walks the chunks, checks framing, CRCs, the IHDR
+rules, chunk order and the zlib header, guards against decompression bombs, and hands back the
+joined IDAT stream (and its raw deflate body) for a CPU or GPU inflater. `decode_png` then
+returns the pixels as Julia's PNGFiles.jl (libpng) would load them. Every rejection is a
+`PngError` naming the file and the reason; malformed input never reaches OpenCV.
+
+Decoding design: we inflate the IDAT stream ourselves (one zlib pass) so that a stream that is
+too short, too long, truncated, or fails its Adler-32 is always an error (OpenCV's libpng only
+warns about surplus data, and Pillow accepts short data). The verified scanlines are then
+re-wrapped as *stored* (uncompressed) deflate blocks in a minimal PNG, and OpenCV only unfilters
+them: its second "inflate" is a memcpy, so the whole decode costs one inflate plus a little.
+Colour handling (palette, tRNS, gamma, channel order) is done here in NumPy, so OpenCV's own
+conventions for those never matter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["PngError", "PngInfo", "parse_png", "inflate_idat", "decode_png", "decode_png_file"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_UINT31 = 2**31 - 1
+DEFAULT_MAX_PIXELS = 64_000_000
+
+GREY, RGB, PALETTE, GREY_ALPHA, RGBA = 0, 2, 3, 4, 6
+_CHANNELS = {GREY: 1, RGB: 3, PALETTE: 1, GREY_ALPHA: 2, RGBA: 4}
+_ALLOWED_DEPTHS = {
+    GREY: (1, 2, 4, 8, 16),
+    RGB: (8, 16),
+    PALETTE: (1, 2, 4, 8),
+    GREY_ALPHA: (8, 16),
+    RGBA: (8, 16),
+}
+_COLOUR_NAMES = {GREY: "greyscale", RGB: "RGB", PALETTE: "palette", GREY_ALPHA: "grey+alpha", RGBA: "RGBA"}
+_CRITICAL = {b"IHDR", b"PLTE", b"IDAT", b"IEND"}
+
+# Adam7 passes as (x0, y0, dx, dy).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+# libpng's screen gamma for PNG_DEFAULT_sRGB (what PNGFiles.jl passes), in 1e-5 units.
+_SCREEN_GAMMA_FIXED = 220_000
+# libpng's PNG_GAMMA_THRESHOLD_FIXED: correction only when |file * screen - 1| > 0.05.
+_GAMMA_THRESHOLD_FIXED = 5_000
+
+
+class PngError(ValueError):
+    """A PNG was rejected; `reason` says why, `path` which file (when known)."""
+
+    def __init__(self, reason: str, path: str | os.PathLike[str] | None = None) -> None:
+        self.reason = reason
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(f"{self.path}: {reason}" if self.path else reason)
+
+    def __reduce__(self):  # keep reason/path when crossing process boundaries (data loaders)
+        return (type(self), (self.reason, self.path))
+
+
+@dataclass(frozen=True, eq=False)
+class PngInfo:
+    """What `parse_png` learned about one file; `idat`/`deflate` feed a CPU or GPU inflater."""
+
+    width: int
+    height: int
+    bit_depth: int
+    color_type: int
+    interlace: int
+    channels: int  # samples per pixel as stored: 1, 3, 1 (palette index), 2 or 4
+    palette: np.ndarray | None  # (N, 3) uint8, palette images only
+    trns: bytes | None  # raw tRNS payload when it is valid for this colour type
+    gamma: float | None  # gAMA / 100000
+    srgb: bool
+    idat: bytes = field(repr=False)  # the concatenated zlib stream
+    deflate: memoryview = field(repr=False)  # idat minus 2-byte zlib header and 4-byte Adler-32
+    adler32: int
+    raw_size: int  # filtered bytes the image needs (one filter byte per row, per Adam7 pass)
+    gamma_fixed: int | None = field(default=None, repr=False)  # gAMA as stored (1e-5 units)
+    sbit: bytes | None = field(default=None, repr=False)  # valid sBIT payload (used by 16-bit gamma)
+
+    @property
+    def bits_per_pixel(self) -> int:
+        return self.channels * self.bit_depth
+
+    @property
+    def filter_stride(self) -> int:
+        """Bytes between a byte and its 'left' neighbour in the PNG filters."""
+        return max(1, self.bits_per_pixel // 8)
+
+
+def _row_bytes(width: int, bits_per_pixel: int) -> int:
+    return (width * bits_per_pixel + 7) // 8
+
+
+def _pass_sizes(width: int, height: int, interlace: int) -> list[tuple[int, int]]:
+    """(width, height) of each non-empty sub-image: one for plain images, up to seven for Adam7."""
+    if not interlace:
+        return [(width, height)]
+    sizes = []
+    for x0, y0, dx, dy in _ADAM7:
+        pass_w = (width - x0 + dx - 1) // dx if width > x0 else 0
+        pass_h = (height - y0 + dy - 1) // dy if height > y0 else 0
+        if pass_w and pass_h:  # empty passes carry no filter bytes at all
+            sizes.append((pass_w, pass_h))
+    return sizes
+
+
+def _raw_size(width: int, height: int, bits_per_pixel: int, interlace: int) -> int:
+    return sum(h * (1 + _row_bytes(w, bits_per_pixel)) for w, h in _pass_sizes(width, height, interlace))
+
+
+def _check_ihdr(body: memoryview, max_pixels: int, path) -> tuple[int, int, int, int, int]:
+    if len(body) != 13:
+        raise PngError(f"IHDR chunk is {len(body)} bytes, expected 13", path)
+    width, height, bit_depth, color_type, compression, filter_method, interlace = struct.unpack(">IIBBBBB", body)
+    for name, value in (("width", width), ("height", height)):
+        if value == 0 or value > MAX_UINT31:
+            raise PngError(f"invalid image {name} {value} (must be 1..2^31-1)", path)
+    if color_type not in _ALLOWED_DEPTHS:
+        raise PngError(f"invalid colour type {color_type}", path)
+    if bit_depth not in _ALLOWED_DEPTHS[color_type]:
+        allowed = "/".join(map(str, _ALLOWED_DEPTHS[color_type]))
+        raise PngError(
+            f"invalid bit depth {bit_depth} for colour type {color_type} "
+            f"({_COLOUR_NAMES[color_type]} allows {allowed})",
+            path,
+        )
+    if compression != 0:
+        raise PngError(f"unknown compression method {compression}", path)
+    if filter_method != 0:
+        raise PngError(f"unknown filter method {filter_method}", path)
+    if interlace not in (0, 1):
+        raise PngError(f"unknown interlace method {interlace}", path)
+    if width * height > max_pixels:
+        raise PngError(
+            f"image is {width}x{height} = {width * height} pixels, above the limit of "
+            f"max_pixels={max_pixels} (decompression-bomb guard)",
+            path,
+        )
+    return width, height, bit_depth, color_type, interlace
+
+
+def _check_zlib_header(idat: bytes, path) -> None:
+    if len(idat) < 6:  # 2-byte header + 4-byte Adler-32 at the very least
+        raise PngError(f"IDAT zlib stream is only {len(idat)} bytes", path)
+    cmf, flg = idat[0], idat[1]
+    if cmf & 0x0F != 8:
+        raise PngError(f"IDAT zlib stream: compression method {cmf & 0x0F}, expected 8 (deflate)", path)
+    if cmf >> 4 > 7:
+        raise PngError(f"IDAT zlib stream: window size field CINFO={cmf >> 4} exceeds 7", path)
+    if (cmf << 8 | flg) % 31:
+        raise PngError("IDAT zlib stream: header check bits (FCHECK) are wrong", path)
+    if flg & 0x20:
+        raise PngError("IDAT zlib stream: preset dictionary (FDICT) is not allowed in PNG", path)
+
+
+def parse_png(
+    data: bytes | bytearray | memoryview,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    verify_crc: bool = True,
+) -> PngInfo:
+    """Validate the container and return the header facts and the joined IDAT stream.
+
+    Critical-chunk problems are errors. Invalid *ancillary* chunks that matter for decoding
+    (tRNS, gAMA, sRGB with a wrong length, value or position) are ignored, as libpng does.
+    """
+    buf = memoryview(data)
+    if buf.ndim != 1 or buf.itemsize != 1:
+        buf = buf.cast("B")
+    size = len(buf)
+    if size < 8 or buf[:8] != PNG_SIGNATURE:
+        raise PngError("not a PNG file (bad 8-byte signature)", path)
+
+    ihdr: tuple[int, int, int, int, int] | None = None
+    palette: np.ndarray | None = None
+    trns: bytes | None = None
+    gamma_fixed: int | None = None
+    srgb = False
+    sbit: bytes | None = None
+    seen_plte = False
+    idat_parts: list[memoryview] = []
+    idat_done = False  # a non-IDAT chunk followed the IDAT run
+    pos = 8
+    while True:
+        if pos + 8 > size:
+            if pos == size:
+                raise PngError(f"missing IEND chunk (file ends at byte {size})", path)
+            raise PngError(f"truncated file: chunk header at byte {pos} is cut short", path)
+        length = int.from_bytes(buf[pos : pos + 4], "big")
+        ctype = bytes(buf[pos + 4 : pos + 8])
+        name = ctype.decode("latin-1")
+        if not ctype.isalpha():  # bytes.isalpha: ASCII letters only
+            raise PngError(f"invalid chunk type {ctype!r} at byte {pos}", path)
+        if length > MAX_UINT31:
+            raise PngError(f"{name} chunk at byte {pos} declares length {length} > 2^31-1", path)
+        end = pos + 12 + length
+        if end > size:
+            raise PngError(
+                f"truncated file: {name} chunk at byte {pos} declares {length} data bytes "
+                f"but only {max(size - pos - 12, 0)} remain",
+                path,
+            )
+        body = buf[pos + 8 : pos + 8 + length]
+        if verify_crc:
+            stored = int.from_bytes(buf[end - 4 : end], "big")
+            actual = zlib.crc32(body, zlib.crc32(ctype))
+            if stored != actual:
+                raise PngError(f"CRC mismatch in {name} chunk at byte {pos} (stored {stored:08x}, computed {actual:08x})", path)
+
+        if ihdr is None and ctype != b"IHDR":
+            raise PngError(f"first chunk is {name}, expected IHDR", path)
+        if ctype == b"IHDR":
+            if ihdr is not None:
+                raise PngError("duplicate IHDR chunk", path)
+            ihdr = _check_ihdr(body, max_pixels, path)
+            color_type, bit_depth = ihdr[3], ihdr[2]
+        elif ctype == b"IDAT":
+            if idat_done:
+                raise PngError(f"IDAT chunks are not consecutive (another IDAT at byte {pos})", path)
+            if color_type == PALETTE and not seen_plte:
+                raise PngError("palette image (colour type 3) has no PLTE chunk before IDAT", path)
+            idat_parts.append(body)
+        elif ctype == b"IEND":
+            break
+        else:
+            if idat_parts:
+                idat_done = True
+            if ctype == b"PLTE":
+                if seen_plte:
+                    raise PngError("duplicate PLTE chunk", path)
+                if idat_parts:
+                    raise PngError("PLTE chunk after IDAT", path)
+                seen_plte = True
+                if color_type == PALETTE:
+                    palette = _check_plte(body, bit_depth, path)
+                # A PLTE in a truecolour file is only a suggestion, in a grey file libpng ignores it.
+            elif ctype == b"tRNS":
+                if trns is None and not idat_parts and _trns_valid(body, color_type, palette):
+                    trns = bytes(body)
+            elif ctype == b"gAMA":
+                # libpng: gAMA must precede PLTE and IDAT and lie in its accepted range.
+                if gamma_fixed is None and not seen_plte and not idat_parts and length == 4:
+                    value = int.from_bytes(body, "big")
+                    if 16 <= value <= 625_000_000:
+                        gamma_fixed = value
+            elif ctype == b"sRGB":
+                if not seen_plte and not idat_parts and length == 1 and body[0] <= 3:
+                    srgb = True
+            elif ctype == b"sBIT":
+                if sbit is None and not seen_plte and not idat_parts and _sbit_valid(body, color_type, bit_depth):
+                    sbit = bytes(body)
+            elif ctype[0:1].isupper():
+                raise PngError(f"unknown critical chunk {name} at byte {pos}", path)
+        pos = end
+
+    if not idat_parts:
+        raise PngError("no IDAT chunk", path)
+    width, height, bit_depth, color_type, interlace = ihdr
+    # The single copy of the compressed data: a GPU inflater gets one contiguous buffer.
+    idat = b"".join(idat_parts)
+    _check_zlib_header(idat, path)
+    channels = _CHANNELS[color_type]
+    return PngInfo(
+        width=width,
+        height=height,
+        bit_depth=bit_depth,
+        color_type=color_type,
+        interlace=interlace,
+        channels=channels,
+        palette=palette,
+        trns=trns,
+        gamma=None if gamma_fixed is None else gamma_fixed / 100_000,
+        srgb=srgb,
+        idat=idat,
+        deflate=memoryview(idat)[2:-4],
+        adler32=int.from_bytes(idat[-4:], "big"),
+        raw_size=_raw_size(width, height, channels * bit_depth, interlace),
+        gamma_fixed=gamma_fixed,
+        sbit=sbit,
+    )
+
+
+def _check_plte(body: memoryview, bit_depth: int, path) -> np.ndarray:
+    if len(body) % 3:
+        raise PngError(f"PLTE chunk length {len(body)} is not a multiple of 3", path)
+    entries = len(body) // 3
+    if entries == 0:
+        raise PngError("PLTE chunk is empty", path)
+    if entries > 1 << bit_depth:
+        raise PngError(f"PLTE has {entries} entries, more than 2^{bit_depth} for a {bit_depth}-bit palette image", path)
+    palette = np.frombuffer(body, np.uint8).reshape(entries, 3).copy()
+    palette.flags.writeable = False
+    return palette
+
+
+def _trns_valid(body: memoryview, color_type: int, palette: np.ndarray | None) -> bool:
+    """libpng's acceptance rule; an invalid tRNS is ignored rather than fatal."""
+    if color_type == GREY:
+        return len(body) == 2
+    if color_type == RGB:
+        return len(body) == 6
+    if color_type == PALETTE:  # must follow PLTE and not be longer than it
+        return palette is not None and 0 < len(body) <= len(palette)
+    return False  # colour types with an alpha channel
+
+
+def _sbit_valid(body: memoryview, color_type: int, bit_depth: int) -> bool:
+    """libpng's rule: one byte per stored channel (3 for palette), each 1..sample depth."""
+    expected = 3 if color_type == PALETTE else _CHANNELS[color_type]
+    depth = 8 if color_type == PALETTE else bit_depth
+    return len(body) == expected and all(1 <= b <= depth for b in body)
+
+
+def inflate_idat(info: PngInfo, *, path: str | os.PathLike[str] | None = None) -> bytes:
+    """Inflate the IDAT stream into exactly `info.raw_size` filtered bytes, checking the Adler-32.
+
+    Bounded: never produces more than raw_size + 1 bytes, whatever the stream claims.
+    """
+    need = info.raw_size
+    inflater = zlib.decompressobj(-15)  # raw deflate: we check the trailer ourselves, precisely
+    stream = memoryview(info.idat)[2:]
+    try:
+        raw = inflater.decompress(stream, need)
+        if len(raw) == need and not inflater.eof:
+            # Full image received; the stream may still hold its end-of-block code, or surplus pixels.
+            if inflater.decompress(inflater.unconsumed_tail, 1):
+                raise PngError(f"IDAT data too long: inflates to more than the {need} bytes a {_describe(info)} needs", path)
+    except zlib.error as exc:
+        raise PngError(f"corrupt IDAT deflate data ({exc})", path) from None
+    if not inflater.eof:
+        raise PngError(
+            f"truncated IDAT zlib stream: it stops after {len(raw)} of {need} bytes without a final block",
+            path,
+        )
+    if len(raw) < need:
+        raise PngError(f"IDAT data too short: inflates to {len(raw)} bytes, a {_describe(info)} needs {need}", path)
+    trailer = inflater.unused_data
+    if len(trailer) < 4:
+        raise PngError("IDAT zlib stream lacks its 4-byte Adler-32 trailer", path)
+    if len(trailer) > 4:
+        raise PngError(f"IDAT has {len(trailer) - 4} bytes of extra data after the zlib stream", path)
+    stored = int.from_bytes(trailer, "big")
+    actual = zlib.adler32(raw)
+    if stored != actual:
+        raise PngError(f"IDAT Adler-32 mismatch (stored {stored:08x}, computed {actual:08x})", path)
+    return raw
+
+
+def _check_filter_types(info: PngInfo, raw: bytes, path) -> None:
+    """libpng stops at a filter byte > 4; name the row instead of a vague OpenCV failure."""
+    data = np.frombuffer(raw, np.uint8)
+    start = 0
+    for pass_index, (width, height) in enumerate(_pass_sizes(info.width, info.height, info.interlace)):
+        stride = 1 + _row_bytes(width, info.bits_per_pixel)
+        filters = data[start : start + stride * height : stride]
+        bad = np.flatnonzero(filters > 4)
+        if bad.size:
+            where = f"Adam7 pass {pass_index + 1} row {bad[0]}" if info.interlace else f"row {bad[0]}"
+            raise PngError(f"invalid filter type {filters[bad[0]]} on {where}", path)
+        start += stride * height
+
+
+def _describe(info: PngInfo) -> str:
+    kind = "interlaced " if info.interlace else ""
+    return f"{info.width}x{info.height} {kind}{info.bit_depth}-bit {_COLOUR_NAMES[info.color_type]} image"
+
+
+def decode_png(
+    data: bytes | bytearray | memoryview,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode to (H, W, C) uint8 (bit depth <= 8) or uint16 (16-bit), channels R,G,B(,A).
+
+    Matches PNGFiles.jl/ImageIO (libpng) loading:
+    - grey -> C=1 (1/2/4-bit scaled to 8 bits: x255, x85, x17); grey+alpha -> C=2;
+      RGB -> C=3; RGBA -> C=4; 16-bit files keep all 16 bits;
+    - palette -> RGB, or RGBA when a tRNS chunk is present (entries past tRNS are opaque;
+      indices past the PLTE are black, as libpng's zero-filled 256-entry palette makes them);
+    - tRNS on grey/RGB adds alpha: 0 where the pixel equals the tRNS colour, max elsewhere;
+    - gamma: samples are untouched unless the file has gAMA, no sRGB chunk, and
+      |gamma_file * 2.2 - 1| > 0.05 (libpng's PNG_GAMMA_THRESHOLD, screen gamma 2.2, which
+      PNGFiles.jl passes as PNG_DEFAULT_sRGB). Then colour samples (not alpha) become
+      floor(max * (v / max) ** g + 0.5) with g = 1 / (gamma_file * 2.2) rounded to 1e-5 as
+      libpng's png_reciprocal2 does; 16-bit samples are first reduced to the significant bits
+      of an sBIT chunk, as libpng's 16-bit table does. This follows libpng's formula and could
+      not be checked against Julia here; it was checked against libpng 1.6.39 itself, driven
+      through ctypes with PNGFiles.jl's call sequence (tests/test_png.py, when libpng16 exists).
+    - bKGD, iCCP, cHRM and the other ancillary chunks are ignored (PNGFiles' default).
+    """
+    info = parse_png(data, path=path, max_pixels=max_pixels)
+    raw = inflate_idat(info, path=path)
+    _check_filter_types(info, raw, path)
+    samples = _unfilter_with_opencv(info, raw, path)
+    return _to_output(info, samples)
+
+
+def decode_png_file(path: str | os.PathLike[str], **kwargs) -> np.ndarray:
+    """Read and decode one file; I/O failures are PngErrors carrying the OS reason."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise PngError(f"cannot read file: {exc.strerror or exc}", path) from None
+    return decode_png(data, path=path, **kwargs)
+
+
+# --- unfiltering through OpenCV ------------------------------------------------------------------
+
+_STORED_BLOCK = 65_535  # the largest stored deflate block
+
+
+def _chunk(ctype: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
+    crc = zlib.crc32(ctype)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    length = sum(len(p) for p in parts)
+    return [struct.pack(">I", length), ctype, *parts, struct.pack(">I", crc)]
+
+
+def _stored_png(info: PngInfo, raw: bytes) -> bytes:
+    """A minimal PNG holding `raw` in stored deflate blocks, one IDAT per block.
+
+    Palette images are declared as grey of the same depth (identical scanline layout), so
+    OpenCV returns the indices and the palette lookup stays ours.
+    """
+    color_type = GREY if info.color_type == PALETTE else info.color_type
+    ihdr = struct.pack(">IIBBBBB", info.width, info.height, info.bit_depth, color_type, 0, 0, info.interlace)
+    parts: list[bytes | memoryview] = [PNG_SIGNATURE, *_chunk(b"IHDR", ihdr), *_chunk(b"IDAT", b"\x78\x01")]
+    view = memoryview(raw)
+    total = len(raw)
+    for start in range(0, total, _STORED_BLOCK):
+        block = view[start : start + _STORED_BLOCK]
+        final = start + _STORED_BLOCK >= total
+        header = struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF)
+        parts += _chunk(b"IDAT", header, block)
+    parts += _chunk(b"IDAT", struct.pack(">I", info.adler32))  # inflate_idat verified it against raw
+    parts += _chunk(b"IEND")
+    return b"".join(parts)
+
+
+def _unfilter_with_opencv(info: PngInfo, raw: bytes, path) -> np.ndarray:
+    """Unfilter (and de-interlace) verified scanlines; returns OpenCV's 2-D or BGR(A) array."""
+    import cv2  # lazy: parse_png users (the GPU host side) need no OpenCV
+
+    png = _stored_png(info, raw)
+    try:
+        img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise PngError(f"OpenCV could not decode the verified pixel data ({str(exc).strip()})", path) from None
+    if img is None:
+        # e.g. OpenCV's own size limits (CV_IO_MAX_IMAGE_WIDTH/HEIGHT/PIXELS)
+        raise PngError(f"OpenCV refused to decode the verified pixel data of a {_describe(info)}", path)
+    dtype = np.uint16 if info.bit_depth == 16 else np.uint8
+    if img.shape[:2] != (info.height, info.width) or img.dtype != dtype:
+        raise PngError(f"OpenCV returned {img.shape} {img.dtype} for a {_describe(info)}", path)
+    return img
+
+
+def _to_output(info: PngInfo, img: np.ndarray) -> np.ndarray:
+    """OpenCV's layout -> (H, W, C) in R,G,B(,A) with palette, tRNS and gamma applied."""
+    import cv2
+
+    ct = info.color_type
+    if ct == PALETTE:
+        return _palette_lut(info)[img]
+    if ct == GREY:
+        out = img[:, :, None]
+    elif ct == GREY_ALPHA:
+        out = img[:, :, [0, 3]]  # OpenCV expands grey+alpha to BGRA with B=G=R
+    elif ct == RGB:
+        out = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # ~3x faster than a NumPy channel gather
+    else:
+        out = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+    if info.trns is not None:  # only kept for grey and RGB
+        out = np.concatenate([out, _trns_alpha(info, out)], axis=2)
+    lut = _gamma_lut_for(info)
+    if lut is not None:
+        colour = out.shape[2] - (ct in (GREY_ALPHA, RGBA) or info.trns is not None)
+        out = np.ascontiguousarray(out)
+        out[:, :, :colour] = lut[out[:, :, :colour]]
+    return np.ascontiguousarray(out)
+
+
+def _trns_alpha(info: PngInfo, samples: np.ndarray) -> np.ndarray:
+    """Alpha plane from a grey/RGB tRNS colour key, compared on the stored sample values."""
+    # libpng masks the key to the bit depth; sub-byte grey is compared after the same x255/x85/x17
+    # scaling OpenCV (libpng) applied to the samples.
+    maxval = (1 << info.bit_depth) - 1
+    key = [int.from_bytes(info.trns[i : i + 2], "big") & maxval for i in range(0, len(info.trns), 2)]
+    if info.bit_depth < 8:
+        key = [k * (255 // maxval) for k in key]
+    opaque = 65535 if info.bit_depth == 16 else 255
+    match = np.all(samples == np.asarray(key, samples.dtype), axis=2, keepdims=True)
+    return np.where(match, samples.dtype.type(0), samples.dtype.type(opaque))
+
+
+def _palette_lut(info: PngInfo) -> np.ndarray:
+    """256-entry RGB(A) table indexed by OpenCV's grey output (sub-byte indices arrive scaled)."""
+    channels = 4 if info.trns is not None else 3
+    entries = np.zeros((256, channels), np.uint8)  # libpng: missing entries are black...
+    entries[:, 3:] = 255  # ...and opaque
+    n = len(info.palette)
+    entries[:n, :3] = info.palette
+    if info.trns is not None:
+        entries[: len(info.trns), 3] = np.frombuffer(info.trns, np.uint8)
+    lut = _gamma_lut_for(info)
+    if lut is not None:  # libpng gamma-corrects the palette itself
+        entries[:, :3] = lut[entries[:, :3]]
+    if info.bit_depth == 8:
+        return entries
+    scale = 255 // ((1 << info.bit_depth) - 1)
+    table = np.zeros((256, channels), np.uint8)
+    table[:: scale][: 1 << info.bit_depth] = entries[: 1 << info.bit_depth]
+    return table
+
+
+def _gamma_lut_for(info: PngInfo) -> np.ndarray | None:
+    """libpng's gamma table for this file, or None when libpng would leave samples untouched."""
+    if info.gamma_fixed is None or info.srgb:
+        return None
+    # png_gamma_threshold: round(file * screen) in 1e-5 units, compared with 1 +- 0.05
+    product = math.floor(info.gamma_fixed * _SCREEN_GAMMA_FIXED / 100_000 + 0.5)
+    if abs(product - 100_000) <= _GAMMA_THRESHOLD_FIXED:
+        return None
+    if info.bit_depth < 16:
+        return _gamma_lut(info.gamma_fixed, 8, 0)
+    # png_build_gamma_table: 16-bit samples are looked up by their top sBIT bits only.
+    significant = 0
+    if info.sbit is not None:
+        significant = max(info.sbit[:3]) if info.color_type in (RGB, RGBA) else info.sbit[0]
+    shift = min(16 - significant, 8) if 0 < significant < 16 else 0
+    return _gamma_lut(info.gamma_fixed, 16, shift)
+
+
+@lru_cache(maxsize=32)
+def _gamma_lut(gamma_fixed: int, bits: int, shift: int) -> np.ndarray:
+    """png_build_8bit_table / png_build_16bit_table as one vectorised table over every sample value."""
+    # png_reciprocal2: the exponent 1 / (file * screen), kept in 1e-5 units like libpng
+    exponent = math.floor(1e15 / gamma_fixed / _SCREEN_GAMMA_FIXED + 0.5)
+    peak = (1 << bits) - 1
+    index = np.arange(peak + 1, dtype=np.int64) >> shift
+    top = peak >> shift
+    if abs(exponent - 100_000) > _GAMMA_THRESHOLD_FIXED:
+        lut = np.floor(peak * (index / top) ** (exponent * 1e-5) + 0.5)
+    else:  # libpng flags the transform yet builds a linear table when the exponent itself is ~1
+        lut = (index * peak + (top >> 1)) // top
+    lut = lut.astype(np.uint16 if bits == 16 else np.uint8)
+    lut.flags.writeable = False
+    return lut

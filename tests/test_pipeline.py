@@ -1,0 +1,153 @@
+"""End-to-end CPU classification: every input yields a score or an error row, in order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from iws_engine.api import Classifier
+from iws_engine.export import weights
+from iws_engine.export.models.sarcnn import SarCNN, state_to_numpy
+from iws_engine.export.synth import generate
+from iws_engine.outputs import RowWriter, read_rows
+from iws_engine.preprocess import iws_sarcnn_spec
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """Randomly initialised SAR_CNN (declared untrained): exercises the pipeline without the real checkpoint."""
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "random.safetensors"
+    meta = weights.ModelMetadata(model="sarcnn", model_name="random", preprocess=iws_sarcnn_spec(0.38, 0.156),
+                                 threshold=0.5, trained=False)
+    weights.save(path, state_to_numpy(SarCNN().eval()), meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(tmp_path_factory):
+    """Good PNGs of several formats, nested, plus files that must fail with a clear reason."""
+    root = tmp_path_factory.mktemp("mixed")
+    generate(root / "a", 5, fmt="rgba16", size=(96, 80), seed=1)
+    generate(root / "b" / "deep", 3, fmt="gray8", size=(300, 310), seed=2)
+    good = sorted((root / "a").glob("*.png"))[0].read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "not_a_png.png").write_bytes(b"hello, I am text")
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("ignored: not a .png")
+    return root
+
+
+def test_every_input_gets_a_row_in_order(random_weights, mixed_inputs, tmp_path):
+    missing = tmp_path / "does_not_exist.png"
+    with Classifier(random_weights, batch_size=3) as clf:
+        rows = list(clf.classify([mixed_inputs, missing]))
+    paths = [r.path for r in rows]
+    assert len(rows) == 5 + 3 + 3 + 1
+    assert paths[:-1] == sorted(paths[:-1]) and paths[-1] == str(missing)
+    errors = {r.path.rsplit("/", 1)[-1]: r.error for r in rows if not r.ok}
+    assert set(errors) == {"truncated.png", "not_a_png.png", "empty.png", "does_not_exist.png"}
+    assert all(str(mixed_inputs) in e or str(missing) in e for e in errors.values())
+    assert "signature" in errors["not_a_png.png"].lower()
+    assert "no such file" in errors["does_not_exist.png"].lower()
+    for r in rows:
+        if r.ok:
+            assert 0.0 <= r.score <= 1.0 and r.decision == int(r.score >= 0.5) and r.error is None
+        else:
+            assert r.score is None and r.decision is None
+    assert clf.last_stats.images == 12 and clf.last_stats.failed == 4
+
+
+def test_scores_do_not_depend_on_batching_or_backend(random_weights, mixed_inputs):
+    results = {}
+    for backend, batch in (("onnxruntime", 1), ("onnxruntime", 7), ("torch", 4)):
+        with Classifier(random_weights, backend=backend, batch_size=batch) as clf:
+            results[(backend, batch)] = [r.score for r in clf.classify([mixed_inputs]) if r.ok]
+    base = np.array(results[("onnxruntime", 7)])
+    assert len(base) == 8
+    for key, scores in results.items():
+        np.testing.assert_allclose(scores, base, atol=2e-6, err_msg=str(key))
+
+
+def test_bytes_input_and_predict(random_weights, mixed_inputs):
+    data = sorted((mixed_inputs / "a").glob("*.png"))[0].read_bytes()
+    with Classifier(random_weights) as clf:
+        (row_file,) = clf.classify([sorted((mixed_inputs / "a").glob("*.png"))[0]])
+        row_bytes, row_bad = clf.classify([data, b"\x89PNG\r\n\x1a\nbroken"])
+        probs = clf.predict(np.zeros((3, 1, 256, 256), np.float32))
+    assert row_bytes.score == pytest.approx(row_file.score, abs=1e-7)
+    assert row_bad.error and "<bytes" in row_bad.error
+    assert probs.shape == (3,) and np.all((probs > 0) & (probs < 1))
+
+
+def test_iws_model_declares_threshold_047(iws_weights):
+    with Classifier(iws_weights) as clf:
+        assert clf.threshold == 0.47
+    with Classifier(iws_weights, threshold=0.6) as clf:
+        assert clf.threshold == 0.6
+    with pytest.raises(ValueError, match="threshold"):
+        Classifier(iws_weights, threshold=1.5)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_output_formats_round_trip(random_weights, mixed_inputs, tmp_path, suffix):
+    with Classifier(random_weights) as clf:
+        rows = list(clf.classify([mixed_inputs]))
+    out = tmp_path / f"out{suffix}"
+    with RowWriter(out) as w:
+        for r in rows:
+            w.write(r)
+    back = read_rows(out)
+    assert [r.path for r in back] == [r.path for r in rows]
+    assert [r.error for r in back] == [r.error for r in rows]
+    for a, b in zip(back, rows):
+        assert (a.score is None) == (b.score is None)
+        if a.score is not None:
+            assert a.score == pytest.approx(b.score, rel=1e-7) and a.decision == b.decision
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "iws_engine", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_classify_exit_status_and_output(random_weights, mixed_inputs, tmp_path):
+    out = tmp_path / "r.jsonl"
+    bad = _cli("classify", mixed_inputs, "--model", random_weights, "-o", out, "--batch-size", "4")
+    assert bad.returncode == 1, bad.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 11 and sum(1 for x in lines if x["error"]) == 3
+    assert "3 failed" in bad.stderr and "randomly initialised" in bad.stderr
+    good = _cli("classify", mixed_inputs / "a", "--model", random_weights, "--threshold", "0.3")
+    assert good.returncode == 0, good.stderr
+    csv_lines = good.stdout.strip().splitlines()
+    assert csv_lines[0] == "path,score,decision,threshold,model_id,error" and len(csv_lines) == 6
+    assert all(line.split(",")[3] == "0.3" for line in csv_lines[1:])
+    usage = _cli("classify", mixed_inputs, "--threshold", "2")
+    assert usage.returncode == 2 and "threshold must be within" in usage.stderr
+
+
+def test_cli_import_lux(lux_checkpoint, tmp_path):
+    out = tmp_path / "iws.safetensors"
+    r = _cli("import-lux", lux_checkpoint, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert weights.load(out).meta.source_timestamp == "20260302_202405"
+    bad = tmp_path / "bad.jld2"
+    bad.write_bytes(b"nope")
+    r = _cli("import-lux", bad, "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and "not a readable JLD2" in r.stderr
+
+
+def test_import_is_light():
+    code = ("import sys, iws_engine, iws_engine.cli; "
+            "heavy = {'torch', 'tensorrt', 'torch_tensorrt', 'cupy', 'nvidia.nvcomp', 'nvidia.dali', 'pynvml', 'onnxruntime'}; "
+            "print(sorted(heavy & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
