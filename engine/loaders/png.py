@@ -12,7 +12,10 @@ warns about surplus data, and Pillow accepts short data). The verified scanlines
 re-wrapped as *stored* (uncompressed) deflate blocks in a minimal PNG, and OpenCV only unfilters
 them: its second "inflate" is a memcpy, so the whole decode costs one inflate plus a little.
 Colour handling (palette, tRNS, gamma, channel order) is done here in NumPy, so OpenCV's own
-conventions for those never matter.
+conventions for those never matter. For the record, OpenCV 5.0's `imdecode(IMREAD_UNCHANGED)`
+on a whole file: keeps 16 bits; returns BGR/BGRA; palette -> BGR, or BGRA with tRNS;
+grey+alpha -> 4-channel BGRA with B=G=R; 1/2/4-bit grey -> one channel scaled like libpng;
+tRNS applied on RGB but ignored on grey; gAMA ignored.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ _ALLOWED_DEPTHS = {
     RGBA: (8, 16),
 }
 _COLOUR_NAMES = {GREY: "greyscale", RGB: "RGB", PALETTE: "palette", GREY_ALPHA: "grey+alpha", RGBA: "RGBA"}
-_CRITICAL = {b"IHDR", b"PLTE", b"IDAT", b"IEND"}
 
 # Adam7 passes as (x0, y0, dx, dy).
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
@@ -175,8 +177,8 @@ def parse_png(
     (tRNS, gAMA, sRGB with a wrong length, value or position) are ignored, as libpng does.
     """
     buf = memoryview(data)
-    if buf.ndim != 1 or buf.itemsize != 1:
-        buf = buf.cast("B")
+    if buf.ndim != 1 or buf.itemsize != 1:  # e.g. a NumPy array: view it as plain bytes
+        buf = buf.cast("B") if buf.c_contiguous else memoryview(buf.tobytes())
     size = len(buf)
     if size < 8 or buf[:8] != PNG_SIGNATURE:
         raise PngError("not a PNG file (bad 8-byte signature)", path)
@@ -215,7 +217,8 @@ def parse_png(
             stored = int.from_bytes(buf[end - 4 : end], "big")
             actual = zlib.crc32(body, zlib.crc32(ctype))
             if stored != actual:
-                raise PngError(f"CRC mismatch in {name} chunk at byte {pos} (stored {stored:08x}, computed {actual:08x})", path)
+                reason = f"CRC mismatch in {name} chunk at byte {pos} (stored {stored:08x}, computed {actual:08x})"
+                raise PngError(reason, path)
 
         if ihdr is None and ctype != b"IHDR":
             raise PngError(f"first chunk is {name}, expected IHDR", path)
@@ -238,12 +241,11 @@ def parse_png(
             if ctype == b"PLTE":
                 if seen_plte:
                     raise PngError("duplicate PLTE chunk", path)
-                if idat_parts:
-                    raise PngError("PLTE chunk after IDAT", path)
                 seen_plte = True
+                # Palette images reach this before any IDAT (checked there). For other colour types
+                # PLTE is only a suggestion, and libpng ignores one that is misplaced or malformed.
                 if color_type == PALETTE:
                     palette = _check_plte(body, bit_depth, path)
-                # A PLTE in a truecolour file is only a suggestion, in a grey file libpng ignores it.
             elif ctype == b"tRNS":
                 if trns is None and not idat_parts and _trns_valid(body, color_type, palette):
                     trns = bytes(body)
@@ -334,7 +336,8 @@ def inflate_idat(info: PngInfo, *, path: str | os.PathLike[str] | None = None) -
         if len(raw) == need and not inflater.eof:
             # Full image received; the stream may still hold its end-of-block code, or surplus pixels.
             if inflater.decompress(inflater.unconsumed_tail, 1):
-                raise PngError(f"IDAT data too long: inflates to more than the {need} bytes a {_describe(info)} needs", path)
+                reason = f"IDAT data too long: inflates to more than the {need} bytes a {_describe(info)} needs"
+                raise PngError(reason, path)
     except zlib.error as exc:
         raise PngError(f"corrupt IDAT deflate data ({exc})", path) from None
     if not inflater.eof:
@@ -419,6 +422,7 @@ def decode_png_file(path: str | os.PathLike[str], **kwargs) -> np.ndarray:
 # --- unfiltering through OpenCV ------------------------------------------------------------------
 
 _STORED_BLOCK = 65_535  # the largest stored deflate block
+_LIBPNG_USER_LIMIT = 1_000_000  # libpng's default PNG_USER_WIDTH_MAX / PNG_USER_HEIGHT_MAX
 
 
 def _chunk(ctype: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
@@ -454,6 +458,8 @@ def _unfilter_with_opencv(info: PngInfo, raw: bytes, path) -> np.ndarray:
     """Unfilter (and de-interlace) verified scanlines; returns OpenCV's 2-D or BGR(A) array."""
     import cv2  # lazy: parse_png users (the GPU host side) need no OpenCV
 
+    if max(info.width, info.height) > _LIBPNG_USER_LIMIT:
+        raise PngError(f"{_describe(info)}: OpenCV's libpng refuses sides over {_LIBPNG_USER_LIMIT} pixels", path)
     png = _stored_png(info, raw)
     try:
         img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
