@@ -25,11 +25,18 @@ class Classifier:
 
     def __init__(self, weights: str | Path | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
                  precision: str = "fp32", batch_size: int = 64, threshold: float | None = None,
-                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, artifacts: str | Path | None = None):
         from iws_engine.export import weights as weights_io
 
-        path = Path(weights) if weights is not None else weights_io.default_weights_path()
-        self.weights = weights_io.load(path)
+        if artifacts is not None:
+            # a built, parity-checked artefact (iws-engine build): its manifest names weights and backend
+            from iws_engine.export.build import load_artifacts
+
+            self.backend, self.weights, self.manifest = load_artifacts(Path(artifacts), device=device)
+        else:
+            path = Path(weights) if weights is not None else weights_io.default_weights_path()
+            self.weights = weights_io.load(path)
+            self.manifest = None
         self.meta = self.weights.meta
         self.spec = self.meta.preprocess
         self.threshold = float(self.meta.threshold if threshold is None else threshold)
@@ -37,8 +44,9 @@ class Classifier:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
         self.model_id = self.weights.model_id
         self.batch_size = batch_size
-        self.backend = backends.create(backend, precision=precision, device=device)
-        self.backend.load(self.weights, (self.spec.channels, *self.spec.size))
+        if self.manifest is None:
+            self.backend = backends.create(backend, precision=precision, device=device)
+            self.backend.load(self.weights, (self.spec.channels, *self.spec.size))
         self.loader = CpuLoader(self.spec, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
         self.last_stats = RunStats()
 

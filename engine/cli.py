@@ -21,6 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="inference backend (default: %(default)s, the fastest on CPU)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="(default: %(default)s)")
+    g.add_argument("--artifacts", type=Path, metavar="DIR",
+                   help="use an artefact made by `iws-engine build` (its manifest sets model, backend and precision)")
 
 
 def _add_loader_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +92,7 @@ def run_classify(inputs, args, output: str | None, progress: bool):
     items = list(expand_inputs(inputs))
     clf = Classifier(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                      batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
-                     workers=args.workers, max_pixels=args.max_pixels)
+                     workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None))
     failed = 0
     with clf, RowWriter(output or "-") as writer, _progress(len(items), "classify", progress) as bar:
         for row in clf.classify(items):
@@ -135,7 +137,11 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, max_lr=args.max_lr, weight_decay=args.weight_decay,
                       label_smoothing=args.label_smoothing, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
                       threads=args.threads)
-    return train_main(cfg, output=args.output, data=args.data, val_data=args.val_data, record=args.record)
+    import shlex
+
+    command = "iws-engine " + shlex.join(args.argv)
+    return train_main(cfg, output=args.output, data=args.data, val_data=args.val_data, record=args.record,
+                      command=command)
 
 
 def cmd_demo(args) -> int:
@@ -168,14 +174,14 @@ def cmd_demo(args) -> int:
     labels = np.array([truth[Path(r.path).stem] for r in rows])
     scores = np.array([r.score for r in rows])
     counts = confusion_at(labels, scores, clf.threshold)
-    m = metrics_from_counts(counts.tp, counts.tn, counts.fp, counts.fn)
+    m = metrics_from_counts(**counts)
     s = stats.stages
     print("[3/3] summary", file=sys.stderr)
     print(f"  images        {n} ({failed} failed)\n"
           f"  model         {clf.model_id} ({clf.meta.model_name}), threshold {clf.threshold:g}\n"
           f"  accuracy      {m['accuracy']:.4f}   F1 {m['f1']:.4f}   precision {m['precision']:.4f}   "
           f"recall {m['recall']:.4f}   AUC {roc_auc(labels, scores):.4f}\n"
-          f"  confusion     TP {counts.tp}  FP {counts.fp}  TN {counts.tn}  FN {counts.fn}\n"
+          f"  confusion     TP {counts['tp']}  FP {counts['fp']}  TN {counts['tn']}  FN {counts['fn']}\n"
           f"  throughput    {stats.throughput:.1f} img/s end to end (PNG bytes on disk -> scores), "
           f"{stats.wall:.2f} s wall\n"
           f"  stage CPU s   read {s.read:.2f}  decode {s.decode:.2f}  preprocess {s.preprocess:.2f}  "
@@ -204,6 +210,24 @@ def cmd_project(args) -> int:
     from iws_engine.bench import project_cmd
 
     return project_cmd.run(args)
+
+
+def cmd_build(args) -> int:
+    from iws_engine.backends import BackendError
+    from iws_engine.export.build import BatchProfile, BuildError, build
+
+    out = args.output or Path("artifacts") / f"{args.model}-{args.backend}-{args.precision}"
+    try:
+        m = build(weights_path=args.weights, backend=args.backend, precision=args.precision, device=args.device,
+                  profile=BatchProfile.parse(args.batch), out_dir=out, no_build=args.no_build)
+    except (BuildError, BackendError, ValueError) as e:
+        print(f"iws-engine build: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    p = m["parity"]
+    print(f"{out}: {m['backend']} {m['precision']} for {m['model_id']} — parity on {p['probes']} probes: "
+          f"max |dp| {p['max_abs_dp']:.2e} (limit {p['max_abs_dp_limit']:g}), "
+          f"decision agreement {p['decision_agreement']:.4f}; built {m['built_at']}")
+    return EXIT_OK
 
 
 def cmd_info(args) -> int:
@@ -259,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.safetensors")
     p.add_argument("--data", type=Path, help="training PNGs with labels.csv (default: synthesise --n-train)")
     p.add_argument("--val-data", type=Path, help="validation PNGs with labels.csv (default: synthesise --n-val)")
-    p.add_argument("--n-train", type=_positive_int, default=1600)
-    p.add_argument("--n-val", type=_positive_int, default=400)
-    p.add_argument("--epochs", type=_positive_int, default=6)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--max-lr", type=float, default=2e-3)
+    p.add_argument("--n-train", type=_positive_int, default=2000)
+    p.add_argument("--n-val", type=_positive_int, default=300)
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -295,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("build", help="build a backend artefact + manifest, parity-checked against fp32 eager")
+    p.add_argument("--model", default="sarcnn", choices=("sarcnn",))
+    p.add_argument("--weights", type=Path, metavar="FILE", help="default: the embedded model")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16", "int8", "fp8"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", default="1:64:256", metavar="MIN:OPT:MAX", help="batch profile (default: %(default)s)")
+    p.add_argument("-o", "--output", type=Path, metavar="DIR", help="default: artifacts/<model>-<backend>-<precision>")
+    p.add_argument("--no-build", action="store_true", help="fail instead of (re)building when no fitting artefact exists")
+    p.set_defaults(func=cmd_build)
+
     p = sub.add_parser("info", help="versions and available backends")
     p.set_defaults(func=cmd_info)
     return parser
@@ -302,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded with artefacts that say how they were made
     try:
         return args.func(args)
     except KeyboardInterrupt:

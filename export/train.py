@@ -22,14 +22,14 @@ from iws_engine.preprocess import PreprocessSpec
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 6
-    batch_size: int = 32
-    max_lr: float = 2e-3
+    epochs: int = 10
+    batch_size: int = 16
+    max_lr: float = 3e-3
     weight_decay: float = 1e-2
     label_smoothing: float = 0.1
     seed: int = 0
-    n_train: int = 1600
-    n_val: int = 400
+    n_train: int = 2000
+    n_val: int = 300
     threads: int | None = None
     train_seed_offset: int = 1_000  # synthetic train/val/test sets never share a seed
     val_seed_offset: int = 2_000
@@ -123,7 +123,7 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def train_main(cfg: TrainConfig, *, output: Path, data: Path | None = None, val_data: Path | None = None,
-               record: Path | None = None) -> int:
+               record: Path | None = None, command: str = "iws_engine.export.train.train_main") -> int:
     import torch
 
     from iws_engine.backends.base import sigmoid
@@ -136,6 +136,10 @@ def train_main(cfg: TrainConfig, *, output: Path, data: Path | None = None, val_
         print(msg, file=sys.stderr, flush=True)
 
     started = time.time()
+    sources = {
+        "train": str(data) if data else f"synthetic: iws_engine.export.synth.generate(n={cfg.n_train}, seed={cfg.seed + cfg.train_seed_offset}, rgba16 539x528)",
+        "val": str(val_data) if val_data else f"synthetic: iws_engine.export.synth.generate(n={cfg.n_val}, seed={cfg.seed + cfg.val_seed_offset}, rgba16 539x528)",
+    }
     with tempfile.TemporaryDirectory(prefix="iws-train-") as tmp:
         if data is None:
             data = Path(tmp) / "train"
@@ -162,10 +166,9 @@ def train_main(cfg: TrainConfig, *, output: Path, data: Path | None = None, val_
                                         for i in range(0, len(x_val), 128)]).numpy())
     threshold = f1_optimal_threshold(y_val, val_scores)
     info = {
-        "command": "iws-engine " + " ".join(sys.argv[1:]) if sys.argv and "iws" in sys.argv[0] else "iws_engine.export.train",
+        "command": command,
         "config": asdict(cfg),
-        "data": {"train": str(data) if data else "synthetic", "val": str(val_data) if val_data else "synthetic",
-                 "synthetic_format": "rgba16 539x528", "n_train": int(len(y_train)), "n_val": int(len(y_val))},
+        "data": {**sources, "n_train": int(len(y_train)), "n_val": int(len(y_val))},
         "history": history,
         "val_auc": history[-1]["val_auc"] if history else None,
         "best_val_auc": max(h["val_auc"] for h in history),

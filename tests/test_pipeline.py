@@ -151,3 +151,21 @@ def test_import_is_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_cli_synth_then_train_writes_a_documented_model(tmp_path):
+    data = tmp_path / "d"
+    r = _cli("synth", data, "--n", "12", "--format", "gray8", "--size", "96x80", "--seed", "5", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert len(list(data.glob("*.png"))) == 12 and (data / "labels.csv").read_text().count("\n") == 13
+    out, record = tmp_path / "m.safetensors", tmp_path / "m.json"
+    r = _cli("train", "-o", out, "--data", data, "--val-data", data, "--epochs", "1", "--batch-size", "6",
+             "--record", record, "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    w = weights.load(out)
+    rec = json.loads(record.read_text())
+    assert w.meta.trained and w.meta.extra["training"] == rec
+    assert rec["config"]["seed"] == 3 and rec["data"]["n_train"] == 12 and len(rec["history"]) == 1
+    assert rec["command"].startswith("iws-engine train")
+    # normalisation statistics were measured on the training data, not copied from the IWS checkpoint
+    assert 0.05 < w.meta.preprocess.std < 0.5 and w.meta.preprocess.mean != pytest.approx(0.37975472)
