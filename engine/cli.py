@@ -311,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     project_cmd.add_arguments(p)
     p.set_defaults(func=cmd_project)
 
+    p = sub.add_parser("bench", help="measure configurations side by side (paper protocol): JSON, Markdown, plots")
+    from iws_engine.bench import bench_cmd
+
+    bench_cmd.add_arguments(p)
+    p.set_defaults(func=bench_cmd.run)
+
+    p = sub.add_parser("report", help="one Markdown page from the latest bench results, against the paper")
+    from iws_engine.bench import report_cmd
+
+    report_cmd.add_arguments(p)
+    p.set_defaults(func=report_cmd.run)
+
     p = sub.add_parser("demo", help="the main job on the embedded default: synthesise, classify, summarise")
     p.add_argument("--n", type=_positive_int, default=200, help="vignettes to synthesise (default: %(default)s)")
     p.add_argument("--seed", type=int, default=12345)
