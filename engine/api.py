@@ -15,7 +15,8 @@ import numpy as np
 
 from iws_engine import backends
 from iws_engine.backends.base import sigmoid
-from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, CpuLoader
+from iws_engine.loaders import create_loader
+from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS
 from iws_engine.outputs import Row
 from iws_engine.pipeline import RunStats, expand_inputs, score_batches
 
@@ -25,7 +26,9 @@ class Classifier:
 
     def __init__(self, weights: str | Path | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
                  precision: str = "fp32", batch_size: int = 64, threshold: float | None = None,
-                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, artifacts: str | Path | None = None):
+                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, artifacts: str | Path | None = None,
+                 loader: str | None = None):
+        """`loader`: "cpu", "gpu" or "dali"; None picks "gpu" where it can run (CUDA, CuPy, nvCOMP), else "cpu"."""
         from iws_engine.export import weights as weights_io
 
         if artifacts is not None:
@@ -47,7 +50,11 @@ class Classifier:
         if self.manifest is None:
             self.backend = backends.create(backend, precision=precision, device=device)
             self.backend.load(self.weights, (self.spec.channels, *self.spec.size))
-        self.loader = CpuLoader(self.spec, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+        on_gpu = str(device).startswith("cuda")
+        cuda_index = int(str(device).partition(":")[2] or 0) if on_gpu else 0
+        # a backend on the CPU gets its inputs copied back to the host (the decode still runs on the GPU)
+        self.loader = create_loader(loader, self.spec, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
+                                    device=cuda_index, host_output=not on_gpu)
         self.last_stats = RunStats()
 
     def classify(self, inputs: Iterable[str | Path | bytes], stats: RunStats | None = None) -> Iterator[Row]:

@@ -17,7 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "--weights", dest="weights", type=Path, metavar="FILE",
                    help="SAR_CNN weights (.safetensors from import-lux or train); default: the embedded model")
-    g.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"),
+    g.add_argument("--backend", default="onnxruntime",
+                   choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"),
                    help="inference backend (default: %(default)s, the fastest on CPU)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="(default: %(default)s)")
@@ -31,6 +32,10 @@ def _add_loader_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=_positive_int, metavar="K", help="decoder threads (default: all cores)")
     g.add_argument("--max-pixels", type=_positive_int, default=64_000_000, metavar="N",
                    help="refuse PNGs with more pixels (decompression bombs; default: %(default)s)")
+    g.add_argument("--loader", choices=("cpu", "gpu", "dali"),
+                   help="PNG decoding: gpu (inflate/unfilter/resize on the device, exact), cpu, or dali "
+                        "(throughput baseline, not the model's preprocessing); default: gpu when CUDA, CuPy "
+                        "and nvCOMP are available, else cpu")
 
 
 def _positive_int(text: str) -> int:
@@ -92,7 +97,8 @@ def run_classify(inputs, args, output: str | None, progress: bool):
     items = list(expand_inputs(inputs))
     clf = Classifier(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                      batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
-                     workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None))
+                     workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None),
+                     loader=getattr(args, "loader", None))
     failed = 0
     with clf, RowWriter(output or "-") as writer, _progress(len(items), "classify", progress) as bar:
         for row in clf.classify(items):
@@ -219,7 +225,7 @@ def cmd_build(args) -> int:
     out = args.output or Path("artifacts") / f"{args.model}-{args.backend}-{args.precision}"
     try:
         m = build(weights_path=args.weights, backend=args.backend, precision=args.precision, device=args.device,
-                  profile=BatchProfile.parse(args.batch), out_dir=out, no_build=args.no_build)
+                  profile=BatchProfile.parse(args.batch), out_dir=out, no_build=args.no_build, calib_dir=args.calib)
     except (BuildError, BackendError, ValueError) as e:
         print(f"iws-engine build: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -334,12 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build a backend artefact + manifest, parity-checked against fp32 eager")
     p.add_argument("--model", default="sarcnn", choices=("sarcnn",))
     p.add_argument("--weights", type=Path, metavar="FILE", help="default: the embedded model")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch"))
+    p.add_argument("--backend", default="onnxruntime",
+                   choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16", "int8", "fp8"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", default="1:64:256", metavar="MIN:OPT:MAX", help="batch profile (default: %(default)s)")
     p.add_argument("-o", "--output", type=Path, metavar="DIR", help="default: artifacts/<model>-<backend>-<precision>")
     p.add_argument("--no-build", action="store_true", help="fail instead of (re)building when no fitting artefact exists")
+    p.add_argument("--calib", type=Path, metavar="DIR", help="calibration PNGs for --backend tensorrt --precision int8")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("info", help="versions and available backends")

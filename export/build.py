@@ -52,16 +52,23 @@ class BatchProfile:
         return f"{self.min}:{self.opt}:{self.max}"
 
 
+#: pip distributions that may provide a library (TensorRT's runtime wheel is named per CUDA major)
+_DISTRIBUTIONS = {"tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")}
+CALIBRATION_CACHE = "calibration.cache"
+
+
 def environment(device: str) -> dict[str, str]:
     """Library versions and GPU identity that an artefact depends on."""
     import importlib.metadata as md
 
     env = {"python": platform.python_version(), "machine": platform.machine()}
-    for dist in ("torch", "onnx", "onnxruntime", "tensorrt", "torch-tensorrt"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
+    for library in ("torch", "onnx", "onnxruntime", "tensorrt", "torch-tensorrt"):
+        for dist in _DISTRIBUTIONS.get(library, (library,)):
+            try:
+                env[library] = md.version(dist)
+                break
+            except md.PackageNotFoundError:
+                pass
     if device.startswith("cuda"):
         import torch
 
@@ -140,10 +147,86 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def calibration_files(calib_dir: Path) -> list[str]:
+    """The calibration PNGs under `calib_dir` (recursively, sorted); refuses an empty folder."""
+    from iws_engine.pipeline import expand_inputs
+
+    if not Path(calib_dir).is_dir():
+        raise BuildError(f"--calib {calib_dir}: not a directory")
+    files = list(expand_inputs([calib_dir]))
+    if not files:
+        raise BuildError(f"--calib {calib_dir}: no PNG files in it")
+    return files
+
+
+def calibration_key(model_sha256: str, spec, files: list[str]) -> str:
+    """What INT8 scales depend on: the model, its preprocessing and every calibration image's bytes."""
+    h = hashlib.sha256(f"{model_sha256}\n{spec.to_json()}\n".encode())
+    for f in files:
+        h.update(f"{Path(f).name}\n{_sha256(Path(f))}\n".encode())
+    return h.hexdigest()
+
+
+def calibration_inputs(files: list[str], spec, batch_size: int):
+    """Calibration PNGs decoded and preprocessed with the model's spec, as (N, C, H, W) float32 arrays."""
+    from iws_engine.loaders.cpu import CpuLoader
+
+    for batch in CpuLoader(spec, batch_size=batch_size).batches(files):
+        if batch.errors:
+            raise BuildError("calibration images failed to load: " + "; ".join(batch.errors.values()))
+        yield batch.inputs
+
+
+def _build_tensorrt(loaded, shape: tuple[int, ...], precision: str, device: str, profile: BatchProfile,
+                    out_dir: Path, calib_files: list[str] | None, calib_key: str | None) -> tuple[Path, dict]:
+    """model.onnx → model.engine (+ timing.cache, and calibration.cache for int8); returns (engine, build info)."""
+    from iws_engine.backends import tensorrt as trt_backend
+    from iws_engine.export.onnx import export_onnx
+
+    trt_backend.import_tensorrt()  # the precise "not installed" reason before any work
+    if not device.startswith("cuda"):
+        raise BuildError("tensorrt builds need a CUDA device: pass --device cuda")
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(loaded, onnx_path, input_shape=shape)
+    calibrator = None
+    if calib_files:
+        batch_size = min(profile.opt, len(calib_files))
+        stream = trt_backend.CalibrationStream(calibration_inputs(calib_files, loaded.meta.preprocess, batch_size),
+                                               batch_size)
+        cache = trt_backend.CalibrationCache(out_dir / CALIBRATION_CACHE, calib_key)
+        calibrator = trt_backend.make_entropy_calibrator(stream, cache, device)
+    engine = out_dir / "model.engine"
+    spec = trt_backend.ProfileSpec.from_batch(profile.min, profile.opt, profile.max, shape)
+    info = trt_backend.build_engine(onnx_path, engine, precision, spec, out_dir / "timing.cache",
+                                    calibrator=calibrator, device=device)
+    return engine, info
+
+
+def _build_torch_tensorrt(loaded, shape: tuple[int, ...], precision: str, device: str, profile: BatchProfile,
+                          out_dir: Path) -> Path:
+    """The Torch-TensorRT dynamo program saved as model.ep."""
+    import torch
+
+    from iws_engine.backends import torch_tensorrt as ttrt_backend
+    from iws_engine.export.models import build_model
+
+    ttrt_backend.import_torch_tensorrt()
+    if not device.startswith("cuda"):
+        raise BuildError("torch-tensorrt builds need a CUDA device: pass --device cuda")
+    compiled = ttrt_backend.compile_program(build_model(loaded), shape, precision,
+                                            (profile.min, profile.opt, profile.max), device)
+    path = out_dir / "model.ep"
+    ttrt_backend.save_program(compiled, path, torch.zeros((profile.opt, *shape), device=device))
+    return path
+
+
 def build(*, weights_path: Path | None, backend: str, precision: str, device: str = "cpu",
           profile: BatchProfile = BatchProfile(1, 64, 256), out_dir: Path, no_build: bool = False,
-          probes: int = 48) -> dict:
-    """Build (or reuse) the artefact for (model, backend, precision, profile) in `out_dir`; returns the manifest."""
+          probes: int = 48, calib_dir: Path | None = None) -> dict:
+    """Build (or reuse) the artefact for (model, backend, precision, profile) in `out_dir`; returns the manifest.
+
+    `calib_dir`: PNGs for TensorRT INT8 calibration, preprocessed with the model's spec.
+    """
     from iws_engine import backends
     from iws_engine.export import weights as weights_io
     from iws_engine.export.onnx import export_onnx
@@ -152,13 +235,23 @@ def build(*, weights_path: Path | None, backend: str, precision: str, device: st
     loaded = weights_io.load(weights_path)
     if precision not in PARITY_TOLERANCE:
         raise BuildError(f"unknown precision {precision!r}; choose from {', '.join(PARITY_TOLERANCE)}")
+    if calib_dir is not None and (backend, precision) != ("tensorrt", "int8"):
+        raise BuildError("--calib is only used by --backend tensorrt --precision int8")
+    calib_files = calibration_files(Path(calib_dir)) if calib_dir is not None else None
+    calib_key = calibration_key(loaded.sha256, loaded.meta.preprocess, calib_files) if calib_files else None
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BuildError(f"--device {device}: no CUDA device is available here")
     env = environment(device)
     out_dir = Path(out_dir)
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
         same = (old.get("model_sha256") == loaded.sha256 and old.get("backend") == backend
-                and old.get("precision") == precision and old.get("batch_profile") == str(profile))
+                and old.get("precision") == precision and old.get("batch_profile") == str(profile)
+                and (calib_key is None or (old.get("calibration") or {}).get("key") == calib_key))
         why = mismatch(old, env)
         if same and not why:
             return old  # cache hit: built for this model, backend, precision and environment
@@ -170,13 +263,19 @@ def build(*, weights_path: Path | None, backend: str, precision: str, device: st
     spec = loaded.meta.preprocess
     shape = (spec.channels, *spec.size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    artefact = None
+    artefact, artefact_build = None, None
     if backend == "onnxruntime":
         artefact = out_dir / "model.onnx"
         export_onnx(loaded, artefact, input_shape=shape)
         source = artefact
+    elif backend == "tensorrt":
+        artefact, artefact_build = _build_tensorrt(loaded, shape, precision, device, profile, out_dir, calib_files,
+                                                   calib_key)
+        source = artefact
+    elif backend == "torch-tensorrt":
+        artefact = source = _build_torch_tensorrt(loaded, shape, precision, device, profile, out_dir)
     else:
-        source = loaded  # eager/compiled-in-process backends build from the weights
+        source = loaded  # eager and inductor (compiled at load) build from the weights
     candidate = backends.create(backend, precision=precision, device=device).load(source, shape)
     reference = backends.create("torch", precision="fp32", device="cpu").load(loaded, shape)
     inputs = probe_inputs(spec, probes)
@@ -201,6 +300,9 @@ def build(*, weights_path: Path | None, backend: str, precision: str, device: st
         "batch_profile": str(profile),
         "artefact": artefact.name if artefact else None,
         "artefact_sha256": _sha256(artefact) if artefact else None,
+        "artefact_build": artefact_build,
+        "calibration": ({"key": calib_key, "images": len(calib_files), "cache": CALIBRATION_CACHE}
+                        if calib_files else None),
         "environment": env,
         "backend_info": info,
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

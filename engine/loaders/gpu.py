@@ -1,0 +1,667 @@
+"""The GPU loader: PNG bytes -> inflate, unfilter, resize, grey and normalise on the device.
+
+Per batch:
+1. host (thread pool, overlapping the previous batches): read each file, `parse_png` it (framing,
+   CRCs, IHDR, zlib header), and choose its path. 8/16-bit grey, grey+alpha, RGB and RGBA
+   images without gamma correction go to the GPU; interlaced, palette, sub-byte and
+   gamma-corrected images are decoded by the CPU decoder (`decode_png` + `preprocess_reference`)
+   in the same batch and copied into their rows of the same device batch.
+2. the raw deflate streams (IDAT minus zlib header and Adler-32) are packed into a pinned
+   staging buffer, copied to the device in one transfer, inflated by nvCOMP's batched raw
+   Deflate, and checked against their Adler-32 on the device (kernels/adler32.cu);
+3. kernels/png_unfilter.cu unfilters every image in place, kernels/grey_resize.cu writes the
+   model input (N, 1, H, W) fp32 or fp16 straight into a device array, bit for bit as
+   engine/preprocess.py computes it.
+Any image the device flags (Adler-32 mismatch, invalid filter type, size mismatch) is decoded
+again on the CPU, which either reports the precise `PngError` or supplies its pixels: errors are
+per image, never per batch. When nvCOMP rejects a whole batch (one stream longer than its image
+does that), the batch's GPU images are all redone on the CPU, with a RuntimeWarning.
+
+Pipelining: two slots (CUDA stream + pinned staging + device buffers) alternate. Batch k+1 is
+launched on one stream before batch k is finished on the other and handed to the caller, so the
+H2D copy, inflate and kernels of k+1 overlap the host work and the inference of k, while the
+thread pool reads and parses the batches after. Buffers grow to the largest batch seen, up to
+`max_batch_bytes` each; an image that does not fit goes to the CPU path, so memory is bounded.
+
+`inflate="host"` replaces nvCOMP by zlib in the thread pool (the GPU still unfilters, checks
+and resizes): for machines without nvCOMP, and as a measurement of what nvCOMP buys.
+
+Known gaps against the CPU decoder (documented, not silent): bytes between the end of the
+deflate stream and the Adler-32 trailer are not detected on the nvCOMP path (the Adler-32 of
+the pixel data still is), and a stream that inflates to fewer bytes than the image needs is
+only caught by its Adler-32 when nvCOMP does not report the short size (the region is zeroed
+first, so the check is deterministic: such a file passes only if its stored Adler-32 happens to
+equal that of the zero-padded data).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from iws_engine import kernels
+from iws_engine.backends.base import cpu_cores
+from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, Batch, StageTimes, _label, load_one
+from iws_engine.loaders.png import (
+    _LIBPNG_USER_LIMIT,  # OpenCV's libpng refuses larger sides; the CPU path reports that error
+    GREY,
+    GREY_ALPHA,
+    PALETTE,
+    PngError,
+    PngInfo,
+    _gamma_lut_for,  # the one definition of "libpng would gamma-correct this file"
+    inflate_idat,
+    parse_png,
+)
+from iws_engine.preprocess import _LUMA_SCALE, PreprocessSpec, imresize_axis_weights
+
+__all__ = [
+    "GpuLoader", "GpuLoaderStats", "LoaderError", "BatchPlan", "TapTables", "plan_batch", "cpu_fallback_reason",
+    "decode_scanlines_on_gpu",
+    "UNFILTER_JOB", "RESIZE_JOB", "ADLER_JOB",
+]
+
+# Status bits per image, set by the kernels (#defines in kernels/*.cu).
+STATUS_ADLER_MISMATCH = 1
+STATUS_BAD_FILTER = 2
+STATUS_BAD_JOB = 4
+
+# Descriptor layouts, mirrored field for field by the structs in kernels/*.cu (static_assert'ed sizes).
+UNFILTER_JOB = np.dtype([("src_offset", "<u8"), ("dst_offset", "<u8"), ("row_bytes", "<u4"), ("height", "<u4"),
+                         ("dst_pitch", "<u4"), ("filter_stride", "<u4")])
+RESIZE_JOB = np.dtype([("src_offset", "<u8"), ("src_pitch", "<u4"), ("pixel_bytes", "<u4"), ("sample_bytes", "<u4"),
+                       ("colour_channels", "<u4"), ("col_taps", "<u4"), ("row_taps", "<u4"), ("out_index", "<u4"),
+                       ("reserved", "<u4")])
+ADLER_JOB = np.dtype([("offset", "<u8"), ("length", "<u8"), ("expected", "<u4"), ("reserved", "<u4")])
+
+#: Device offsets are multiples of this: adler32.cu needs 16 for its uint4 loads, 256 keeps every
+#: image on its own cache lines.
+DEVICE_ALIGN = 256
+DEFAULT_MAX_BATCH_BYTES = 1 << 30
+KERNEL_OPTIONS = ("--fmad=false", "-std=c++17")  # --fmad=false: grey_resize.cu's exactness argument
+UNFILTER_THREADS = 128  # rows per wavefront band (png_unfilter.cu); 128 keeps ~70% of threads busy at 539 px
+RESIZE_THREADS = 256
+ADLER_THREADS = 256  # a multiple of 32 (adler32.cu's warp reduction)
+
+
+class LoaderError(RuntimeError):
+    """A loader cannot run here (missing CuPy, nvCOMP or DALI, no CUDA device)."""
+
+
+# --- routing and planning (host only, no GPU needed) -----------------------------------------------
+
+
+def cpu_fallback_reason(info: PngInfo) -> str | None:
+    """Why this image is decoded on the CPU, or None when the GPU path takes it."""
+    if info.interlace:
+        return "interlaced (Adam7)"
+    if info.color_type == PALETTE:
+        return "palette"
+    if info.bit_depth < 8:
+        return f"{info.bit_depth}-bit greyscale (sub-byte samples)"
+    if _gamma_lut_for(info) is not None:
+        return "gamma correction (gAMA without sRGB)"
+    if max(info.width, info.height) > _LIBPNG_USER_LIMIT:
+        return f"a side over {_LIBPNG_USER_LIMIT:,} pixels (the CPU decoder reports it)"
+    if len(info.deflate) == 0:
+        return "empty deflate stream (the CPU decoder reports it)"
+    return None
+
+
+def _align(n: int, to: int = DEVICE_ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+class TapTables:
+    """Resize tap tables (preprocess.imresize_axis_weights) concatenated for the device.
+
+    Keyed by (n_in, n_out, clamp); offsets stay valid until `reset`, which bumps `version`
+    so that each slot re-uploads. IWS batches need two tables, so this stays tiny.
+    """
+
+    def __init__(self, max_entries: int = 1 << 20):
+        self.max_entries = max_entries
+        self.version = 0
+        self._offsets: dict[tuple[int, int, bool], int] = {}
+        self._parts: list[Any] = []
+        self.total = 0
+
+    def offset(self, n_in: int, n_out: int, clamp: bool) -> int:
+        key = (n_in, n_out, bool(clamp))
+        found = self._offsets.get(key)
+        if found is None:
+            found = self._offsets[key] = self.total
+            self._parts.append(imresize_axis_weights(n_in, n_out, bool(clamp)))
+            self.total += n_out
+            self.version += 1
+        return found
+
+    def reset_if_full(self) -> None:
+        if self.total > self.max_entries:
+            self._offsets.clear()
+            self._parts.clear()
+            self.total = 0
+            self.version += 1
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(i0, i1) int32 and (w0, w1) float64, each `total` long."""
+        if not self._parts:
+            return (np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float64), np.zeros(1, np.float64))
+        return (np.concatenate([p.i0 for p in self._parts]).astype(np.int32),
+                np.concatenate([p.i1 for p in self._parts]).astype(np.int32),
+                np.concatenate([p.w0 for p in self._parts]).astype(np.float64),
+                np.concatenate([p.w1 for p in self._parts]).astype(np.float64))
+
+
+@dataclass
+class BatchPlan:
+    """Where each image of a batch goes, and the descriptors of the GPU part.
+
+    `gpu[j]` is the batch position of the j-th GPU image; its deflate stream goes to
+    compressed_offsets[j] in the staging buffer, its inflated data (filter bytes included) to
+    inflated_offsets[j], and jobs row j of each descriptor array describes it.
+    """
+
+    size: int
+    gpu: list[int] = field(default_factory=list)
+    cpu: dict[int, str] = field(default_factory=dict)
+    compressed_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    compressed_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    inflated_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    inflated_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    compressed_bytes: int = 0
+    inflated_bytes: int = 0
+    adler_jobs: np.ndarray = field(default_factory=lambda: np.zeros(0, ADLER_JOB))
+    unfilter_jobs: np.ndarray = field(default_factory=lambda: np.zeros(0, UNFILTER_JOB))
+    resize_jobs: np.ndarray = field(default_factory=lambda: np.zeros(0, RESIZE_JOB))
+
+
+def plan_batch(infos: Sequence[PngInfo | None], spec: PreprocessSpec, taps: TapTables, *,
+               max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> BatchPlan:
+    """Route each image (None = already failed) and build the GPU descriptors.
+
+    Images are packed in order; one that would push the compressed or inflated total past
+    `max_batch_bytes` goes to the CPU path instead (memory stays bounded).
+    """
+    taps.reset_if_full()
+    out_h, out_w = spec.size
+    plan = BatchPlan(size=len(infos))
+    compressed, inflated = [], []
+    adler, unfilter, resize = [], [], []
+    c_total = i_total = 0
+    for k, info in enumerate(infos):
+        if info is None:
+            continue
+        reason = cpu_fallback_reason(info)
+        c_size, i_size = len(info.deflate), info.raw_size
+        if reason is None and (c_total + _align(c_size) > max_batch_bytes or i_total + _align(i_size) > max_batch_bytes):
+            reason = f"does not fit the batch's device buffers (max_batch_bytes={max_batch_bytes})"
+        if reason is not None:
+            plan.cpu[k] = reason
+            continue
+        plan.gpu.append(k)
+        compressed.append((c_total, c_size))
+        inflated.append((i_total, i_size))
+        row_bytes = (info.width * info.bits_per_pixel + 7) // 8
+        sample_bytes = info.bit_depth // 8
+        clamp = out_h > info.height or out_w > info.width  # Julia clamps when any axis is enlarged
+        adler.append((i_total, i_size, info.adler32, 0))
+        unfilter.append((i_total, i_total + 1, row_bytes, info.height, row_bytes + 1, info.filter_stride))
+        resize.append((i_total + 1, row_bytes + 1, info.channels * sample_bytes, sample_bytes,
+                       1 if info.color_type in (GREY, GREY_ALPHA) else 3,
+                       taps.offset(info.width, out_w, clamp), taps.offset(info.height, out_h, clamp), k, 0))
+        c_total += _align(c_size)
+        i_total += _align(i_size)
+    if plan.gpu:
+        plan.compressed_offsets, plan.compressed_sizes = (np.array(v, np.int64) for v in zip(*compressed))
+        plan.inflated_offsets, plan.inflated_sizes = (np.array(v, np.int64) for v in zip(*inflated))
+        plan.adler_jobs = np.array(adler, ADLER_JOB)
+        plan.unfilter_jobs = np.array(unfilter, UNFILTER_JOB)
+        plan.resize_jobs = np.array(resize, RESIZE_JOB)
+    plan.compressed_bytes, plan.inflated_bytes = c_total, i_total
+    return plan
+
+
+# --- device side -----------------------------------------------------------------------------------
+
+
+def _import_cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise LoaderError(f"the GPU loader needs CuPy ({e}); install it with: pip install cupy-cuda13x "
+                          "(or the iws-engine[gpu] extra)") from None
+    return cupy
+
+
+def _import_nvcomp():
+    try:
+        from nvidia import nvcomp
+    except ImportError as e:
+        raise LoaderError(f"the GPU loader inflates with nvCOMP, which is not installed ({e}); install it with: "
+                          "pip install nvidia-nvcomp-cu13==5.3.0.16, or use GpuLoader(inflate='host') "
+                          "to inflate with zlib on the CPU") from None
+    return nvcomp
+
+
+def _check_device(cupy, device: int) -> None:
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # cudaErrorInsufficientDriver / NoDevice on machines without a GPU
+        raise LoaderError(f"the GPU loader needs a CUDA device, and none is usable here ({e})") from None
+    if not 0 <= device < count:
+        raise LoaderError(f"CUDA device {device} requested, but {count} device(s) are present")
+
+
+class _Kernels:
+    """The three kernels, compiled once per loader with NVRTC from the package's .cu sources."""
+
+    def __init__(self, cupy):
+        def compile_(name: str):
+            return cupy.RawModule(code=kernels.source(name), options=KERNEL_OPTIONS)
+
+        try:
+            self.adler = compile_("adler32.cu").get_function("adler32_verify")
+            self.unfilter = compile_("png_unfilter.cu").get_function("png_unfilter")
+            self.resize = compile_("grey_resize.cu").get_function("grey_resize_normalise")
+        except Exception as e:  # CompileException carries the NVRTC log
+            raise LoaderError(f"compiling the GPU loader's kernels failed: {e}") from None
+
+
+class _Slot:
+    """One half of the double buffer: a stream, pinned staging, device buffers, grown on demand."""
+
+    def __init__(self, cupy, nvcomp, device: int, batch_size: int):
+        self.cp = cupy
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.codec = None
+        if nvcomp is not None:
+            self.codec = nvcomp.Codec(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW,
+                                      device_id=device, cuda_stream=self.stream.ptr)
+        self.staging = np.empty(0, np.uint8)  # pinned: deflate streams (nvCOMP) or inflated data (host inflate)
+        self.compressed = cupy.empty(0, cupy.uint8)
+        self.inflated = cupy.empty(0, cupy.uint8)
+        self.status = cupy.zeros(batch_size, cupy.uint32)
+        self.adler_computed = cupy.zeros(batch_size, cupy.uint32)
+        self.status_host = self._empty_pinned(batch_size, np.uint32)
+        self.taps_version = -1
+        self.taps: tuple = ()
+
+    def _empty_pinned(self, count: int, dtype) -> np.ndarray:
+        """A NumPy array in page-locked memory (what cupyx.empty_pinned does), for async copies."""
+        dtype = np.dtype(dtype)
+        memory = self.cp.cuda.alloc_pinned_memory(max(count, 1) * dtype.itemsize)
+        return np.ndarray((count,), dtype, buffer=memory)  # the array keeps `memory` alive
+
+    def _grow(self, current, need: int, device: bool):
+        if len(current) >= need:
+            return current
+        size = _align(int(need * 1.25) + 1, 1 << 20)  # headroom, so a slightly larger batch does not reallocate
+        return self.cp.empty(size, self.cp.uint8) if device else self._empty_pinned(size, np.uint8)
+
+    def reserve(self, staging: int, compressed: int, inflated: int) -> None:
+        self.staging = self._grow(self.staging, staging, device=False)
+        self.compressed = self._grow(self.compressed, compressed, device=True)
+        self.inflated = self._grow(self.inflated, inflated, device=True)
+
+    def upload_taps(self, taps: TapTables) -> None:
+        if self.taps_version != taps.version:
+            self.taps = tuple(self.cp.asarray(a) for a in taps.arrays())
+            self.taps_version = taps.version
+
+
+@dataclass
+class _Parsed:
+    """Host-side result of reading and parsing one item."""
+
+    name: str
+    data: bytes | None = None
+    info: PngInfo | None = None
+    inflated: bytes | None = None  # inflate="host": zlib's output, already Adler-32-checked
+    error: str | None = None
+    read: float = 0.0
+    decode: float = 0.0
+
+
+@dataclass
+class _InFlight:
+    """A launched batch: what finishing it needs."""
+
+    parsed: list[_Parsed]
+    plan: BatchPlan
+    slot: _Slot
+    out: Any  # cupy array (N, C, H, W)
+    cpu_futures: dict[int, Future]
+    redo_on_cpu: dict[int, str]  # position -> why the device result is not trusted (known at launch)
+    times: StageTimes
+    keep_alive: list = field(default_factory=list)  # job arrays the kernels read until the stream is done
+
+
+@dataclass
+class GpuLoaderStats:
+    """Where the images went, summed over the loader's life (a silent fall back would show here)."""
+
+    on_gpu: int = 0  # decoded on the device
+    routed_to_cpu: int = 0  # formats the GPU path does not take (see `cpu_fallback_reasons`)
+    redone_on_cpu: int = 0  # flagged by the device (checksum, filter type, nvCOMP) and decoded again
+    failed: int = 0
+    cpu_fallback_reasons: dict[str, int] = field(default_factory=dict)
+    redo_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _status_reason(bits: int) -> str:
+    names = [(STATUS_ADLER_MISMATCH, "Adler-32 mismatch"), (STATUS_BAD_FILTER, "invalid filter type"),
+             (STATUS_BAD_JOB, "bad descriptor")]
+    return "device: " + ", ".join(name for bit, name in names if bits & bit)
+
+
+def _read_item(item: str | Path | bytes, name: str) -> bytes:
+    """The file's bytes, with the CPU loader's error messages."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    try:
+        return Path(item).read_bytes()
+    except IsADirectoryError:
+        raise PngError("is a directory, not a PNG file", path=name) from None
+    except OSError as e:
+        raise PngError(f"cannot read file ({e.strerror or e})", path=name) from None
+
+
+class GpuLoader:
+    """Batches whose `inputs` is a device array (CuPy, (N, C, H, W) fp32 or fp16) in item order.
+
+    `host_output=True` copies each batch's inputs to a NumPy array (for a backend on the CPU).
+    A batch's `inputs` is a fresh allocation, valid as long as the caller holds it.
+    Device memory: two slots, each at most ~1.25 x `max_batch_bytes` for the compressed and for
+    the inflated data, plus the batches' inputs; pinned host memory: the same for staging.
+    `stats` counts where the images went (GPU, CPU by format, redone on the CPU).
+    """
+
+    name = "gpu"
+
+    def __init__(self, spec: PreprocessSpec, batch_size: int = 64, device: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None, *,
+                 inflate: str = "nvcomp", output_dtype: str = "float32", host_output: bool = False,
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, prefetch_batches: int = 2):
+        if not 1 <= batch_size <= 65_535:  # grid.y of the resize kernel is the image index
+            raise ValueError(f"batch_size must be within 1..65535, got {batch_size}")
+        if inflate not in ("nvcomp", "host"):
+            raise ValueError(f"inflate must be 'nvcomp' or 'host', got {inflate!r}")
+        if output_dtype not in ("float32", "float16"):
+            raise ValueError(f"output_dtype must be 'float32' or 'float16', got {output_dtype!r}")
+        if spec.channels != 1 or spec.layout != "NCHW":
+            raise ValueError(f"the GPU loader writes 1-channel NCHW input; the spec asks for {spec.channels} {spec.layout}")
+        mean, std = abs(float(np.float32(spec.mean))), float(np.float32(spec.std))
+        if (mean != 0.0 and mean < 2.0**-126) or std >= 2.0**86:
+            # grey_resize.cu's float32 steps are exact only without subnormals (CuPy compiles with -ftz=true)
+            raise ValueError(f"mean={spec.mean} / std={spec.std} would make subnormal floats on the device")
+        self.spec = spec
+        self.batch_size = batch_size
+        self.device = int(device)
+        self.max_pixels = max_pixels
+        self.workers = workers or cpu_cores()
+        self.inflate = inflate
+        self.output_dtype = output_dtype
+        self.host_output = host_output
+        self.max_batch_bytes = max_batch_bytes
+        self.prefetch_batches = max(1, prefetch_batches)
+        self._cp = _import_cupy()
+        self._nvcomp = _import_nvcomp() if inflate == "nvcomp" else None
+        _check_device(self._cp, self.device)
+        self._taps = TapTables()
+        self.stats = GpuLoaderStats()
+        with self._cp.cuda.Device(self.device):
+            self._kernels = _Kernels(self._cp)
+            self._slots = [_Slot(self._cp, self._nvcomp, self.device, batch_size) for _ in range(2)]
+
+    # ----- host stages (thread pool) -----
+    def _read_and_parse(self, item, name: str) -> _Parsed:
+        parsed = _Parsed(name)
+        t0 = time.perf_counter()
+        try:
+            parsed.data = _read_item(item, name)
+            t1 = time.perf_counter()
+            parsed.read = t1 - t0
+            parsed.info = parse_png(parsed.data, path=name, max_pixels=self.max_pixels)
+            if self.inflate == "host" and cpu_fallback_reason(parsed.info) is None:
+                parsed.inflated = inflate_idat(parsed.info, path=name)
+            parsed.decode = time.perf_counter() - t1
+        except PngError as e:
+            parsed.info, parsed.error = None, str(e)
+        except MemoryError:
+            parsed.info, parsed.error = None, f"{name}: out of memory while parsing"
+        except Exception as e:  # a parser bug must not cost the other images their results
+            parsed.info, parsed.error = None, f"{name}: internal error while parsing ({type(e).__name__}: {e})"
+        return parsed
+
+    def _decode_on_cpu(self, data: bytes, name: str) -> tuple[np.ndarray | None, str | None, StageTimes]:
+        out = np.empty(self.spec.size, dtype=np.float32)
+        try:
+            return out, None, load_one(data, name, self.spec, self.max_pixels, out)
+        except PngError as e:
+            return None, str(e), StageTimes()
+        except MemoryError:
+            return None, f"{name}: out of memory while decoding", StageTimes()
+        except Exception as e:
+            return None, f"{name}: internal error while decoding ({type(e).__name__}: {e})", StageTimes()
+
+    @staticmethod
+    def _copy_into(dst: np.ndarray, offset: int, src) -> None:
+        view = memoryview(src).cast("B")
+        dst[offset:offset + len(view)] = np.frombuffer(view, np.uint8)
+
+    # ----- device stages -----
+    def _launch(self, parsed: list[_Parsed], slot: _Slot, pool: ThreadPoolExecutor,
+                copy_pool: ThreadPoolExecutor) -> _InFlight:
+        cp = self._cp
+        infos = [p.info if p.error is None else None for p in parsed]
+        plan = plan_batch(infos, self.spec, self._taps, max_batch_bytes=self.max_batch_bytes)
+        cpu_futures = {k: pool.submit(self._decode_on_cpu, parsed[k].data, parsed[k].name) for k in plan.cpu}
+        times = StageTimes()
+        for p in parsed:
+            times.read += p.read
+            times.decode += p.decode
+        redo: dict[int, str] = {}
+        keep_alive: list = []
+        h, w = self.spec.size
+        with cp.cuda.Device(self.device), slot.stream:
+            out = cp.empty((len(parsed), 1, h, w), dtype=self.output_dtype)
+            n = len(plan.gpu)
+            if n:
+                host_inflate = self.inflate == "host"
+                slot.reserve(plan.inflated_bytes if host_inflate else plan.compressed_bytes,
+                             0 if host_inflate else plan.compressed_bytes, plan.inflated_bytes)
+                slot.upload_taps(self._taps)
+                # Pack into pinned memory in parallel (large memcpys release the GIL), then one H2D copy.
+                if host_inflate:
+                    sources = [parsed[k].inflated for k in plan.gpu]
+                    offsets = plan.inflated_offsets
+                else:
+                    sources = [parsed[k].info.deflate for k in plan.gpu]
+                    offsets = plan.compressed_offsets
+                list(copy_pool.map(self._copy_into, [slot.staging] * n, offsets.tolist(), sources))
+                staged = plan.inflated_bytes if host_inflate else plan.compressed_bytes
+                target = slot.inflated if host_inflate else slot.compressed
+                target[:staged].set(slot.staging[:staged], stream=slot.stream)
+                slot.status[:n].fill(0)
+                if not host_inflate:
+                    redo.update(self._inflate_with_nvcomp(plan, slot))
+                if len(redo) < n:
+                    keep_alive = self._run_kernels(plan, slot, out)
+                slot.status[:n].get(stream=slot.stream, out=slot.status_host[:n])
+        return _InFlight(parsed, plan, slot, out, cpu_futures, redo, times, keep_alive)
+
+    def _inflate_with_nvcomp(self, plan: BatchPlan, slot: _Slot) -> dict[int, str]:
+        """Batched raw-Deflate inflate into each image's region; returns positions to redo on the CPU."""
+        nvcomp = self._nvcomp
+        slot.inflated[:plan.inflated_bytes].fill(0)  # a short stream leaves zeros, never stale data
+        sources = [slot.compressed[o:o + s] for o, s in zip(plan.compressed_offsets.tolist(), plan.compressed_sizes.tolist())]
+        targets = [slot.inflated[o:o + s] for o, s in zip(plan.inflated_offsets.tolist(), plan.inflated_sizes.tolist())]
+        try:
+            arrays = nvcomp.as_arrays(sources, cuda_stream=slot.stream.ptr)
+            results = slot.codec.decode(arrays, out=targets)
+        except Exception as e:  # e.g. a stream longer than its image (ValueError) or a corrupt one
+            # Visible, not silent: a systematic failure here would send every image to the CPU.
+            warnings.warn(f"nvCOMP could not inflate a batch ({type(e).__name__}: {e}); "
+                          f"its {len(plan.gpu)} GPU images are decoded on the CPU instead", RuntimeWarning, stacklevel=2)
+            return {k: f"nvCOMP failed the batch ({type(e).__name__})" for k in plan.gpu}
+        redo = {}
+        for k, expected, result in zip(plan.gpu, plan.inflated_sizes.tolist(), results):
+            size = getattr(result, "buffer_size", expected)
+            if size != expected:
+                redo[k] = f"nvCOMP inflated {size} bytes, the image needs {expected}"
+        return redo
+
+    def _run_kernels(self, plan: BatchPlan, slot: _Slot, out) -> list:
+        """Adler-32 check, unfilter in place, resize into `out`; returns the job arrays to keep alive."""
+        cp, compiled, stream = self._cp, self._kernels, slot.stream
+        n = len(plan.gpu)
+        count = np.uint32(n)
+        adler_jobs = cp.asarray(plan.adler_jobs.view(np.uint8))
+        unfilter_jobs = cp.asarray(plan.unfilter_jobs.view(np.uint8))
+        resize_jobs = cp.asarray(plan.resize_jobs.view(np.uint8))
+        # Adler-32 first: it covers the filtered bytes, which the unfilter overwrites in place.
+        compiled.adler((n,), (ADLER_THREADS,), (adler_jobs, slot.inflated, slot.status, slot.adler_computed, count),
+                      stream=stream)
+        compiled.unfilter((n,), (UNFILTER_THREADS,), (unfilter_jobs, slot.inflated, slot.inflated, slot.status, count),
+                         stream=stream)
+        h, w = self.spec.size
+        i0, i1, w0, w1 = slot.taps
+        grid = (math.ceil(h * w / RESIZE_THREADS), n)
+        compiled.resize(grid, (RESIZE_THREADS,),
+                       (resize_jobs, count, slot.inflated, i0, i1, w0, w1, out,
+                        np.int32(self.output_dtype == "float16"), np.uint32(h), np.uint32(w),
+                        np.float32(self.spec.mean), np.float32(self.spec.std), _LUMA_SCALE),
+                       stream=stream)
+        return [adler_jobs, unfilter_jobs, resize_jobs]
+
+    def _finish(self, flight: _InFlight, pool: ThreadPoolExecutor) -> Batch:
+        """Wait for the device, redo flagged images on the CPU, fill CPU rows, compact to the ok rows."""
+        cp, plan, slot, out = self._cp, flight.plan, flight.slot, flight.out
+        errors = {k: p.error for k, p in enumerate(flight.parsed) if p.error is not None}
+        t0 = time.perf_counter()
+        slot.stream.synchronize()
+        waited = time.perf_counter() - t0
+        redo = dict(flight.redo_on_cpu)
+        status = slot.status_host[:len(plan.gpu)]
+        for j, k in enumerate(plan.gpu):
+            if status[j] and k not in redo:
+                redo[k] = _status_reason(int(status[j]))
+        ok = [k for k in plan.gpu if k not in redo]
+        self._count(plan, redo)
+        futures = dict(flight.cpu_futures)
+        futures.update({k: pool.submit(self._decode_on_cpu, flight.parsed[k].data, flight.parsed[k].name) for k in redo})
+        with cp.cuda.Device(self.device), slot.stream:
+            for k, future in futures.items():
+                pixels, error, t = future.result()
+                flight.times.add(t)
+                if error is not None:
+                    errors[k] = error
+                    continue
+                out[k, 0].set(pixels.astype(self.output_dtype, copy=False), stream=slot.stream)
+                ok.append(k)
+            ok.sort()
+            self.stats.failed += len(flight.parsed) - len(ok)
+            if len(ok) == len(flight.parsed):
+                inputs = out
+            elif ok:
+                inputs = out[cp.asarray(np.array(ok, np.int64))]
+            else:
+                inputs = out[:0]
+            if self.host_output:
+                inputs = inputs.get(stream=slot.stream)
+            slot.stream.synchronize()  # the caller may read `inputs` on any stream
+        flight.times.preprocess += waited  # wall seconds blocked on the device (not CPU seconds)
+        flight.keep_alive.clear()
+        return Batch(items=[p.name for p in flight.parsed], inputs=inputs, ok=ok, errors=errors, times=flight.times)
+
+    def _count(self, plan: BatchPlan, redo: dict[int, str]) -> None:
+        stats = self.stats
+        stats.on_gpu += len(plan.gpu) - len(redo)
+        stats.routed_to_cpu += len(plan.cpu)
+        stats.redone_on_cpu += len(redo)
+        for reason in plan.cpu.values():
+            stats.cpu_fallback_reasons[reason] = stats.cpu_fallback_reasons.get(reason, 0) + 1
+        for reason in redo.values():
+            stats.redo_reasons[reason] = stats.redo_reasons.get(reason, 0) + 1
+
+    # ----- the loader protocol -----
+    def batches(self, items: Iterable[str | Path | bytes]) -> Iterator[Batch]:
+        """Batches in input order. Batch k is handed over while batch k+1 runs on the device."""
+        # Two pools: packing into pinned memory must not queue behind the read-ahead.
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="iws-gpu-host") as pool, \
+                ThreadPoolExecutor(min(4, self.workers), thread_name_prefix="iws-gpu-pack") as copy_pool:
+            source = iter(items)
+            index = 0
+            ahead: deque[list[Future]] = deque()
+
+            def submit_ahead() -> None:
+                nonlocal index
+                while len(ahead) < self.prefetch_batches:
+                    chunk = []
+                    for item in source:
+                        chunk.append(pool.submit(self._read_and_parse, item, _label(item, index)))
+                        index += 1
+                        if len(chunk) == self.batch_size:
+                            break
+                    if not chunk:
+                        return
+                    ahead.append(chunk)
+
+            submit_ahead()
+            in_flight: _InFlight | None = None
+            turn = 0
+            while ahead:
+                parsed = [f.result() for f in ahead.popleft()]
+                submit_ahead()
+                launched = self._launch(parsed, self._slots[turn], pool, copy_pool)
+                turn ^= 1
+                if in_flight is not None:
+                    yield self._finish(in_flight, pool)
+                in_flight = launched
+            if in_flight is not None:
+                yield self._finish(in_flight, pool)
+
+
+def decode_scanlines_on_gpu(datas: Sequence[bytes], *, device: int = 0) -> list[np.ndarray]:
+    """Unfilter each (non-interlaced) PNG on the GPU; returns its unfiltered scanlines (H, row_bytes).
+
+    zlib inflates on the host: this exercises png_unfilter.cu alone, for tests and debugging.
+    """
+    if not datas:
+        return []
+    cp = _import_cupy()
+    _check_device(cp, device)
+    infos = [parse_png(d) for d in datas]
+    raws = [inflate_idat(info) for info in infos]
+    offsets = np.cumsum([0] + [_align(len(r)) for r in raws])
+    staging = np.zeros(int(offsets[-1]) or 1, np.uint8)
+    jobs = np.zeros(len(infos), UNFILTER_JOB)
+    for j, (info, raw) in enumerate(zip(infos, raws)):
+        if info.interlace:
+            raise ValueError("decode_scanlines_on_gpu takes non-interlaced images only")
+        staging[offsets[j]:offsets[j] + len(raw)] = np.frombuffer(raw, np.uint8)
+        row_bytes = (info.width * info.bits_per_pixel + 7) // 8
+        jobs[j] = (offsets[j], offsets[j] + 1, row_bytes, info.height, row_bytes + 1, info.filter_stride)
+    with cp.cuda.Device(device):
+        kernel = cp.RawModule(code=kernels.source("png_unfilter.cu"), options=KERNEL_OPTIONS).get_function("png_unfilter")
+        buffer = cp.asarray(staging)
+        status = cp.zeros(max(len(infos), 1), cp.uint32)
+        kernel((len(infos),), (UNFILTER_THREADS,), (cp.asarray(jobs.view(np.uint8)), buffer, buffer, status,
+                                                     np.uint32(len(infos))))
+        host, flags = buffer.get(), status.get()
+    results = []
+    for j, (info, job) in enumerate(zip(infos, jobs)):
+        if flags[j]:
+            raise PngError(f"device status {int(flags[j]):#x}")
+        rows = host[int(job["src_offset"]):int(job["src_offset"]) + info.raw_size].reshape(info.height, -1)
+        results.append(rows[:, 1:].copy())
+    return results
