@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from iws_engine.argtypes import int_at_least, size_wxh
 from iws_engine.bench.runner import DEFAULT_BATCH_SIZES, MODES, BenchConfig, default_configs, run_bench
 
 
@@ -34,29 +35,6 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, got {text!r}")
     return values
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 539x528 (width x height), got {text!r}") from None
-    if width < 1 or height < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return width, height
 
 
 def _seconds(text: str) -> float:
@@ -79,12 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: torch:fp32, onnxruntime:fp32 on cpu; CUDA machines add torch fp32/fp16 on cuda first)")
     parser.add_argument("--batch-sizes", type=_batch_sizes, default=DEFAULT_BATCH_SIZES, metavar="B[,B...]",
                         help="batch-size sweep (default: 1,16,64)")
-    parser.add_argument("--runs", type=_count(1), default=5, help="timed runs, reported as mean ± std (default: %(default)s)")
-    parser.add_argument("--warmup", type=_count(0), default=2, help="untimed warm-up passes (default: %(default)s)")
-    parser.add_argument("--n", dest="n_images", type=_count(1), default=256, metavar="N",
+    parser.add_argument("--runs", type=int_at_least(1), default=5, help="timed runs, reported as mean ± std (default: %(default)s)")
+    parser.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up passes (default: %(default)s)")
+    parser.add_argument("--n", dest="n_images", type=int_at_least(1), default=256, metavar="N",
                         help="images per pass (default: %(default)s)")
     parser.add_argument("--format", default="rgba16", choices=FORMATS, help="synthetic PNG format (default: %(default)s)")
-    parser.add_argument("--size", type=_size, default=(539, 528), metavar="WxH", help="synthetic PNG size (default: 539x528)")
+    parser.add_argument("--size", type=size_wxh, default=(539, 528), metavar="WxH", help="synthetic PNG size (default: 539x528)")
     parser.add_argument("--weights", "--model", dest="weights", type=Path, metavar="FILE",
                         help="SAR_CNN weights (.safetensors); default: the embedded model")
     parser.add_argument("--idle-seconds", type=_seconds, default=3.0, metavar="S",

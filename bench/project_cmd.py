@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from iws_engine.argtypes import positive_float, positive_int
 from iws_engine.bench.projection import (
     DEFAULT_ARCHIVE_IMAGES,
     DEFAULT_DAILY_IMAGES,
@@ -34,37 +35,17 @@ def _retrains(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--throughput", type=_positive_float, metavar="IMG_PER_S",
+    source.add_argument("--throughput", type=positive_float, metavar="IMG_PER_S",
                         help="measured throughput in images per second")
     source.add_argument("--from", dest="bench_json", type=Path, metavar="BENCH_JSON",
                         help="read the throughput from a bench JSON (ours or the paper's *_inference.json)")
     parser.add_argument("--throughput-key", metavar="DOTTED.PATH",
                         help="where the throughput is in BENCH_JSON (default: try the known layouts)")
-    parser.add_argument("--daily", type=_positive_int, default=DEFAULT_DAILY_IMAGES, metavar="N",
+    parser.add_argument("--daily", type=positive_int, default=DEFAULT_DAILY_IMAGES, metavar="N",
                         help="images per day in the live feed (default: %(default)s)")
-    parser.add_argument("--archive", type=_positive_int, default=DEFAULT_ARCHIVE_IMAGES, metavar="N",
+    parser.add_argument("--archive", type=positive_int, default=DEFAULT_ARCHIVE_IMAGES, metavar="N",
                         help="images in the archive (default: %(default)s)")
     parser.add_argument("--retrains", type=_retrains, default=DEFAULT_RETRAINS, metavar="R[,R...]",
                         help="archive re-classifications per year (default: 2,4)")

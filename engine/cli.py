@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 from iws_engine import __version__
+from iws_engine.argtypes import positive_int as _positive_int
+from iws_engine.argtypes import probability as _threshold
+from iws_engine.argtypes import size_wxh as _size
 
 EXIT_OK, EXIT_INPUT_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -36,36 +39,6 @@ def _add_loader_args(p: argparse.ArgumentParser) -> None:
                    help="PNG decoding: gpu (inflate/unfilter/resize on the device, exact), cpu, or dali "
                         "(throughput baseline, not the model's preprocessing); default: gpu when CUDA, CuPy "
                         "and nvCOMP are available, else cpu")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _threshold(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"threshold must be within [0, 1], got {v}")
-    return v
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 539x528 (width x height), got {text!r}") from None
-    if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return w, h
 
 
 def _progress(total: int | None, desc: str, enabled: bool):

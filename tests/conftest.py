@@ -33,3 +33,45 @@ def iws_weights(tmp_path_factory, lux_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("iws") / "iws_sarcnn_v2.safetensors"
     import_lux(lux_checkpoint, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory) -> Path:
+    """Randomly initialised SAR_CNN (declared untrained): exercises the machinery without the real checkpoint."""
+    import torch
+
+    from iws_engine.export import weights
+    from iws_engine.export.models.sarcnn import SarCNN, state_to_numpy
+    from iws_engine.preprocess import iws_sarcnn_spec
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "random.safetensors"
+    meta = weights.ModelMetadata(model="sarcnn", model_name="random", preprocess=iws_sarcnn_spec(0.38, 0.156),
+                                 threshold=0.5, trained=False)
+    weights.save(path, state_to_numpy(SarCNN().eval()), meta)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mixed_inputs(tmp_path_factory) -> Path:
+    """Good PNGs of several formats, nested, plus files that must fail with a clear reason."""
+    from iws_engine.export.synth import generate
+
+    root = tmp_path_factory.mktemp("mixed")
+    generate(root / "a", 5, fmt="rgba16", size=(96, 80), seed=1)
+    generate(root / "b" / "deep", 3, fmt="gray8", size=(300, 310), seed=2)
+    good = sorted((root / "a").glob("*.png"))[0].read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "not_a_png.png").write_bytes(b"hello, I am text")
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("ignored: not a .png")
+    return root
+
+
+def run_cli(*args, cwd=None):
+    """`python -m iws_engine ARGS`, captured."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "iws_engine", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)

@@ -19,26 +19,10 @@ from iws_engine.bench.gpu_telemetry import ENERGY_SCOPE, GpuMonitor, decode_thro
 from iws_engine.bench.projection import project_from_bench
 from iws_engine.bench.report import SCHEMA, markdown_table, render_report, write_outputs
 from iws_engine.bench.runner import BenchConfig, default_configs, run_bench
-from iws_engine.export import weights
-from iws_engine.export.models.sarcnn import SarCNN, state_to_numpy
-from iws_engine.preprocess import iws_sarcnn_spec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONFIGS = [BenchConfig("torch", "fp32", "cpu"), BenchConfig("onnxruntime", "fp32", "cpu")]
 TINY = dict(batch_sizes=(1, 4), runs=2, warmup=1, n_images=8, size=(64, 64))
-
-
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory) -> Path:
-    """Randomly initialised SAR_CNN (declared untrained): valid for throughput, not for scores."""
-    import torch
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "random.safetensors"
-    meta = weights.ModelMetadata(model="sarcnn", model_name="random", preprocess=iws_sarcnn_spec(0.38, 0.156),
-                                 threshold=0.5, trained=False)
-    weights.save(path, state_to_numpy(SarCNN().eval()), meta)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 
 from iws_engine.api import Classifier
 from iws_engine.export import build
-from tests.test_pipeline import _cli, mixed_inputs, random_weights  # noqa: F401  (fixtures)
+from tests.conftest import run_cli
 
 
-def test_build_onnxruntime_writes_manifest_and_passes_parity(random_weights, tmp_path):  # noqa: F811
+def test_build_onnxruntime_writes_manifest_and_passes_parity(random_weights, tmp_path):
     out = tmp_path / "art"
     m = build.build(weights_path=random_weights, backend="onnxruntime", precision="fp32", out_dir=out, probes=8,
                     profile=build.BatchProfile(1, 4, 16))
@@ -27,7 +27,7 @@ def test_build_onnxruntime_writes_manifest_and_passes_parity(random_weights, tmp
     assert again["built_at"] == m["built_at"]
 
 
-def test_artifacts_used_by_classify_match_plain_run(random_weights, mixed_inputs, tmp_path):  # noqa: F811
+def test_artifacts_used_by_classify_match_plain_run(random_weights, mixed_inputs, tmp_path):
     out = tmp_path / "art"
     build.build(weights_path=random_weights, backend="onnxruntime", precision="fp32", out_dir=out, probes=4)
     with Classifier(artifacts=out) as a, Classifier(random_weights) as b:
@@ -36,7 +36,7 @@ def test_artifacts_used_by_classify_match_plain_run(random_weights, mixed_inputs
     assert sa == sb
 
 
-def test_environment_mismatch_refused_and_no_build(random_weights, tmp_path):  # noqa: F811
+def test_environment_mismatch_refused_and_no_build(random_weights, tmp_path):
     out = tmp_path / "art"
     build.build(weights_path=random_weights, backend="onnxruntime", precision="fp32", out_dir=out, probes=4)
     m = json.loads((out / "manifest.json").read_text())
@@ -53,7 +53,7 @@ def test_environment_mismatch_refused_and_no_build(random_weights, tmp_path):  #
                     no_build=True)
 
 
-def test_tampered_artefact_refused(random_weights, tmp_path):  # noqa: F811
+def test_tampered_artefact_refused(random_weights, tmp_path):
     out = tmp_path / "art"
     build.build(weights_path=random_weights, backend="onnxruntime", precision="fp32", out_dir=out, probes=4)
     (out / "model.onnx").write_bytes((out / "model.onnx").read_bytes() + b"x")
@@ -70,7 +70,7 @@ def test_parity_gate_limits():
         build.gate({"max_abs_dp": 1e-3, "decision_agreement": 0.99}, "int8")
 
 
-def test_gate_catches_a_wrong_model(random_weights, tmp_path):  # noqa: F811
+def test_gate_catches_a_wrong_model(random_weights, tmp_path):
     """Parity is measured, not assumed: a backend running different weights fails the gate."""
     import torch
 
@@ -97,14 +97,14 @@ def test_batch_profile_parse():
             build.BatchProfile.parse(bad)
 
 
-def test_cli_build_then_classify(random_weights, mixed_inputs, tmp_path):  # noqa: F811
+def test_cli_build_then_classify(random_weights, mixed_inputs, tmp_path):
     out = tmp_path / "art"
-    r = _cli("build", "--weights", random_weights, "--backend", "onnxruntime", "--precision", "fp32", "-o", out,
+    r = run_cli("build", "--weights", random_weights, "--backend", "onnxruntime", "--precision", "fp32", "-o", out,
              "--batch", "1:8:32")
     assert r.returncode == 0, r.stderr
     assert "parity" in r.stdout and (out / "manifest.json").exists()
-    r = _cli("classify", mixed_inputs / "a", "--artifacts", out)
+    r = run_cli("classify", mixed_inputs / "a", "--artifacts", out)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == 6
-    r = _cli("build", "--weights", random_weights, "-o", tmp_path / "none", "--no-build")
+    r = run_cli("build", "--weights", random_weights, "-o", tmp_path / "none", "--no-build")
     assert r.returncode == 2 and "no artefact built yet" in r.stderr

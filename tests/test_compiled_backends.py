@@ -15,7 +15,7 @@ import pytest
 
 from iws_engine import backends
 from iws_engine.backends.base import BackendError, sigmoid
-from iws_engine.backends.inductor import plan_graph_batch
+from iws_engine.backends.torch_support import plan_graph_batch
 from iws_engine.backends.tensorrt import (
     CalibrationCache,
     CalibrationStream,
@@ -25,7 +25,6 @@ from iws_engine.backends.tensorrt import (
 )
 from iws_engine.export import build
 from iws_engine.export import weights as weights_io
-from tests.test_pipeline import random_weights  # noqa: F401  (fixture)
 
 SMALL_INPUT = (1, 64, 64)  # SAR_CNN pools globally, so a small input keeps CPU runs short
 
@@ -55,7 +54,7 @@ def _eager_logits(weights_path, x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- inductor
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch-internal
-def test_inductor_cpu_matches_eager_fp32(random_weights):  # noqa: F811
+def test_inductor_cpu_matches_eager_fp32(random_weights):
     x = np.random.default_rng(0).standard_normal((2, *SMALL_INPUT)).astype(np.float32)
     with backends.create("inductor", precision="fp32", device="cpu").load(weights_io.load(random_weights),
                                                                            SMALL_INPUT) as compiled:
@@ -89,7 +88,7 @@ def test_graph_batch_plan():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_inductor_cuda_graphs_match_eager(random_weights, precision):  # noqa: F811
+def test_inductor_cuda_graphs_match_eager(random_weights, precision):
     """Reduced precision + captured graphs (full and padded partial batches) against fp32 eager on the CPU."""
     spec_shape = (1, 256, 256)
     x = np.random.default_rng(1).standard_normal((40, *spec_shape)).astype(np.float32)
@@ -107,7 +106,7 @@ def test_inductor_cuda_graphs_match_eager(random_weights, precision):  # noqa: F
 
 @pytest.mark.gpu
 @needs_cuda
-def test_inductor_device_input_has_no_host_copy(random_weights):  # noqa: F811
+def test_inductor_device_input_has_no_host_copy(random_weights):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -202,7 +201,7 @@ def test_calibration_cache_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.cache", "calibration.cache.key"]
 
 
-def test_quantization_check_refuses_silent_fallbacks(random_weights, tmp_path):  # noqa: F811
+def test_quantization_check_refuses_silent_fallbacks(random_weights, tmp_path):
     from iws_engine.export.onnx import export_onnx
 
     onnx_path = tmp_path / "model.onnx"
@@ -216,7 +215,7 @@ def test_quantization_check_refuses_silent_fallbacks(random_weights, tmp_path): 
 
 
 @pytest.mark.skipif(_importable("tensorrt"), reason="TensorRT is importable here: the error cannot occur")
-def test_tensorrt_missing_is_a_precise_backend_error(random_weights, tmp_path):  # noqa: F811
+def test_tensorrt_missing_is_a_precise_backend_error(random_weights, tmp_path):
     with pytest.raises(BackendError, match=r"TensorRT is not installed: `import tensorrt` failed \(ModuleNotFound"):
         backends.create("tensorrt", precision="fp16", device="cuda")
     with pytest.raises(BackendError, match="TensorRT is not installed"):
@@ -229,7 +228,7 @@ def test_torch_tensorrt_missing_is_a_precise_backend_error():
         backends.create("torch-tensorrt", precision="fp16", device="cuda")
 
 
-def test_tensorrt_manifest_is_bound_to_gpu_and_tensorrt_version(random_weights, tmp_path):  # noqa: F811
+def test_tensorrt_manifest_is_bound_to_gpu_and_tensorrt_version(random_weights, tmp_path):
     assert {"gpu", "compute_capability", "tensorrt"} <= set(build.BINDING_FIELDS["tensorrt"])
     assert {"gpu", "tensorrt", "torch-tensorrt", "torch"} <= set(build.BINDING_FIELDS["torch-tensorrt"])
     assert {"gpu", "torch"} <= set(build.BINDING_FIELDS["inductor"])
@@ -254,7 +253,7 @@ def test_tensorrt_manifest_is_bound_to_gpu_and_tensorrt_version(random_weights, 
         build.load_artifacts(out)
 
 
-def test_build_calibration_inputs(random_weights, tmp_path):  # noqa: F811
+def test_build_calibration_inputs(random_weights, tmp_path):
     """--calib PNGs are preprocessed with the model's spec into fixed-size calibration batches."""
     from iws_engine.export.synth import generate
 
@@ -296,7 +295,7 @@ def test_cli_build_accepts_compiled_backends_and_calib():
 @needs_cuda
 @needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_build_and_graph_replay_match_eager(random_weights, tmp_path, precision):  # noqa: F811
+def test_tensorrt_build_and_graph_replay_match_eager(random_weights, tmp_path, precision):
     m = build.build(weights_path=random_weights, backend="tensorrt", precision=precision, device="cuda",
                     profile=build.BatchProfile(1, 16, 64), out_dir=tmp_path / "trt", probes=16)
     assert m["parity"]["passed"] and (tmp_path / "trt" / "model.engine").is_file()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from iws_engine.api import Classifier
 from iws_engine.bench.metrics import roc_auc
 from iws_engine.export import weights
 from iws_engine.export.synth import generate
+from tests.conftest import run_cli
 
 HELD_OUT_SEED = 4242  # train used seed+1000, validation seed+2000 (export/train.py)
 
@@ -42,12 +41,8 @@ def test_default_model_auc_on_held_out_synthetic_set(tmp_path):
     assert auc >= 0.95, f"held-out AUC {auc:.4f}"
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "iws_engine", *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
 def test_demo_main_job(tmp_path):
-    r = _cli("demo", "--n", "24", "--out", tmp_path)
+    r = run_cli("demo", "--n", "24", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     for word in ("accuracy", "AUC", "img/s", "TP", "results"):
         assert word in r.stdout
@@ -57,7 +52,7 @@ def test_demo_main_job(tmp_path):
 def test_evaluate_classifies_data_then_reports(tmp_path):
     generate(tmp_path / "d", 30, fmt="gray8", seed=99)
     report = tmp_path / "report.json"
-    r = _cli("evaluate", tmp_path / "d", "--labels", tmp_path / "d" / "labels.csv", "-o", report, "--plots", tmp_path / "plots")
+    r = run_cli("evaluate", tmp_path / "d", "--labels", tmp_path / "d" / "labels.csv", "-o", report, "--plots", tmp_path / "plots")
     assert r.returncode == 0, r.stderr
     rep = json.loads(report.read_text())
     assert rep["inputs"]["evaluated"] == 30 and rep["inputs"]["excluded_errors"] == 0

@@ -683,23 +683,6 @@ def test_loader_pipeline_bounds_memory_with_emulated_device(numpy_device) -> Non
     assert all(len(slot.inflated) <= (1 << 20) for slot in loader._slots)  # grown once, to what a batch needs
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory) -> Path:
-    """A randomly initialised SAR_CNN: the wiring is under test, not the scores."""
-    import torch
-
-    from iws_engine.export import weights
-    from iws_engine.export.models.sarcnn import SarCNN, state_to_numpy
-    from iws_engine.preprocess import iws_sarcnn_spec
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "random.safetensors"
-    meta = weights.ModelMetadata(model="sarcnn", model_name="random", preprocess=iws_sarcnn_spec(0.38, 0.156),
-                                 threshold=0.5, trained=False)
-    weights.save(path, state_to_numpy(SarCNN().eval()), meta)
-    return path
-
-
 def test_classifier_loader_choice(random_weights: Path, monkeypatch) -> None:
     from iws_engine.api import Classifier
 

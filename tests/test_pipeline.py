@@ -11,37 +11,8 @@ import pytest
 
 from iws_engine.api import Classifier
 from iws_engine.export import weights
-from iws_engine.export.models.sarcnn import SarCNN, state_to_numpy
-from iws_engine.export.synth import generate
 from iws_engine.outputs import RowWriter, read_rows
-from iws_engine.preprocess import iws_sarcnn_spec
-
-
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """Randomly initialised SAR_CNN (declared untrained): exercises the pipeline without the real checkpoint."""
-    import torch
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "random.safetensors"
-    meta = weights.ModelMetadata(model="sarcnn", model_name="random", preprocess=iws_sarcnn_spec(0.38, 0.156),
-                                 threshold=0.5, trained=False)
-    weights.save(path, state_to_numpy(SarCNN().eval()), meta)
-    return path
-
-
-@pytest.fixture(scope="module")
-def mixed_inputs(tmp_path_factory):
-    """Good PNGs of several formats, nested, plus files that must fail with a clear reason."""
-    root = tmp_path_factory.mktemp("mixed")
-    generate(root / "a", 5, fmt="rgba16", size=(96, 80), seed=1)
-    generate(root / "b" / "deep", 3, fmt="gray8", size=(300, 310), seed=2)
-    good = sorted((root / "a").glob("*.png"))[0].read_bytes()
-    (root / "truncated.png").write_bytes(good[: len(good) // 2])
-    (root / "not_a_png.png").write_bytes(b"hello, I am text")
-    (root / "empty.png").write_bytes(b"")
-    (root / "notes.txt").write_text("ignored: not a .png")
-    return root
+from tests.conftest import run_cli
 
 
 def test_every_input_gets_a_row_in_order(random_weights, mixed_inputs, tmp_path):
@@ -112,35 +83,30 @@ def test_output_formats_round_trip(random_weights, mixed_inputs, tmp_path, suffi
             assert a.score == pytest.approx(b.score, rel=1e-7) and a.decision == b.decision
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "iws_engine", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
 def test_cli_classify_exit_status_and_output(random_weights, mixed_inputs, tmp_path):
     out = tmp_path / "r.jsonl"
-    bad = _cli("classify", mixed_inputs, "--model", random_weights, "-o", out, "--batch-size", "4")
+    bad = run_cli("classify", mixed_inputs, "--model", random_weights, "-o", out, "--batch-size", "4")
     assert bad.returncode == 1, bad.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 11 and sum(1 for x in lines if x["error"]) == 3
     assert "3 failed" in bad.stderr and "randomly initialised" in bad.stderr
-    good = _cli("classify", mixed_inputs / "a", "--model", random_weights, "--threshold", "0.3")
+    good = run_cli("classify", mixed_inputs / "a", "--model", random_weights, "--threshold", "0.3")
     assert good.returncode == 0, good.stderr
     csv_lines = good.stdout.strip().splitlines()
     assert csv_lines[0] == "path,score,decision,threshold,model_id,error" and len(csv_lines) == 6
     assert all(line.split(",")[3] == "0.3" for line in csv_lines[1:])
-    usage = _cli("classify", mixed_inputs, "--threshold", "2")
+    usage = run_cli("classify", mixed_inputs, "--threshold", "2")
     assert usage.returncode == 2 and "threshold must be within" in usage.stderr
 
 
 def test_cli_import_lux(lux_checkpoint, tmp_path):
     out = tmp_path / "iws.safetensors"
-    r = _cli("import-lux", lux_checkpoint, "-o", out)
+    r = run_cli("import-lux", lux_checkpoint, "-o", out)
     assert r.returncode == 0, r.stderr
     assert weights.load(out).meta.source_timestamp == "20260302_202405"
     bad = tmp_path / "bad.jld2"
     bad.write_bytes(b"nope")
-    r = _cli("import-lux", bad, "-o", tmp_path / "x.safetensors")
+    r = run_cli("import-lux", bad, "-o", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "not a readable JLD2" in r.stderr
 
 
@@ -155,11 +121,11 @@ def test_import_is_light():
 
 def test_cli_synth_then_train_writes_a_documented_model(tmp_path):
     data = tmp_path / "d"
-    r = _cli("synth", data, "--n", "12", "--format", "gray8", "--size", "96x80", "--seed", "5", "--no-progress")
+    r = run_cli("synth", data, "--n", "12", "--format", "gray8", "--size", "96x80", "--seed", "5", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert len(list(data.glob("*.png"))) == 12 and (data / "labels.csv").read_text().count("\n") == 13
     out, record = tmp_path / "m.safetensors", tmp_path / "m.json"
-    r = _cli("train", "-o", out, "--data", data, "--val-data", data, "--epochs", "1", "--batch-size", "6",
+    r = run_cli("train", "-o", out, "--data", data, "--val-data", data, "--epochs", "1", "--batch-size", "6",
              "--record", record, "--seed", "3")
     assert r.returncode == 0, r.stderr
     w = weights.load(out)

@@ -16,7 +16,6 @@ the host.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError, cpu_cores
+from iws_engine.backends.torch_support import plan_graph_batch, to_device_tensor
 
 #: torch.compile modes; the two marked below capture their own CUDA graphs (cudagraph trees).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -37,20 +37,6 @@ _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: enough distinct batch sizes for a sweep plus partial batches, for several backends in one
 #: process; dynamo's default (8 per code object, shared by every compiled SarCNN) is too few.
 RECOMPILE_LIMIT = 64
-
-
-def plan_graph_batch(n: int, captured: Collection[int], max_graphs: int, max_padding: float = 2.0) -> int | None:
-    """The batch size of the CUDA graph that should serve a batch of `n`, or None for no graph.
-
-    An exact captured size wins; else the smallest captured size that pads `n` by at most
-    `max_padding`×; else `n` itself (a new graph) while fewer than `max_graphs` exist.
-    """
-    if n in captured:
-        return n
-    padded = [size for size in captured if n < size <= n * max_padding]
-    if padded:
-        return min(padded)
-    return n if len(captured) < max_graphs else None
 
 
 @dataclass
@@ -172,15 +158,8 @@ class InductorBackend(Backend):
     # ----- helpers -----
     def _device_input(self, batch):
         """`batch` as a tensor on this backend's device in the compute dtype and memory format."""
-        torch = self._torch
-        if isinstance(batch, torch.Tensor):
-            x = batch
-        elif hasattr(batch, "__cuda_array_interface__"):
-            x = torch.as_tensor(batch, device=self._device)  # a view of the device memory, no copy
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         # transfer first, then cast on the device (a host-side cast of a large batch is slow)
-        x = x.to(self._device, non_blocking=True).to(self._dtype)
+        x = to_device_tensor(self._torch, batch, self._device).to(self._dtype)
         return x.contiguous(memory_format=self._memory_format)
 
     def _compile_limits(self) -> AbstractContextManager:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError
-from iws_engine.backends.inductor import plan_graph_batch  # same graph-per-batch-size policy
+from iws_engine.backends.torch_support import plan_graph_batch, to_device_tensor
 
 #: BuilderFlag names per precision. INT8 keeps FP16 as the fallback for layers without INT8
 #: kernels (else they run in fp32). FP8 only works on an explicitly quantized (Q/DQ) ONNX.
@@ -572,14 +572,7 @@ class TensorRTBackend(Backend):
             raise BackendError("tensorrt backend: execute_async_v3 failed (see the TensorRT log)")
 
     def _device_input(self, batch):
-        torch = self._torch
-        if isinstance(batch, torch.Tensor):
-            x = batch
-        elif hasattr(batch, "__cuda_array_interface__"):
-            x = torch.as_tensor(batch, device=self._device)  # a view of the device memory, no copy
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        return x.to(self._device, non_blocking=True)
+        return to_device_tensor(self._torch, batch, self._device)
 
     def _infer_chunk(self, batch, out: np.ndarray) -> None:
         torch = self._torch

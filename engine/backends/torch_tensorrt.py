@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError
+from iws_engine.backends.torch_support import to_device_tensor
 
 PROGRAM_SUFFIX = ".ep"
 DEFAULT_BATCH_PROFILE = (1, 64, 4096)
@@ -139,11 +140,4 @@ class TorchTensorRTBackend(Backend):
         return v
 
     def _device_input(self, batch):
-        torch = self._torch
-        if isinstance(batch, torch.Tensor):
-            x = batch
-        elif hasattr(batch, "__cuda_array_interface__"):
-            x = torch.as_tensor(batch, device=self._device)  # a view of the device memory, no copy
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        return x.to(self._device, torch.float32, non_blocking=True).contiguous()
+        return to_device_tensor(self._torch, batch, self._device).to(self._torch.float32).contiguous()

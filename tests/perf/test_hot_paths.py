@@ -1,0 +1,142 @@
+"""Throughput-regression guard for the CPU hot paths (pytest-benchmark).
+
+Each hot path is timed as a ratio to a reference workload of the same character measured in
+the same run (zlib inflate for decoding, NumPy array arithmetic for preprocessing, a BLAS matmul
+for inference), so a noisy or different-speed machine moves both and the ratio holds. A test
+fails when its ratio exceeds the committed baseline (bench/baselines/cpu_hot_paths.json) by
+more than 25 %.
+
+Refresh the baseline on a quiet CI-class machine (2 cores) after an intended change:
+    IWS_PERF_UPDATE=1 .venv/bin/python -m pytest tests/perf -q
+and commit bench/baselines/cpu_hot_paths.json with a message saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BASELINE = Path(__file__).resolve().parents[2] / "bench" / "baselines" / "cpu_hot_paths.json"
+TOLERANCE = 1.25
+ROUNDS = 7
+
+
+def _min_time(fn, rounds: int = ROUNDS) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _check(name: str, benchmark, hot, reference) -> None:
+    benchmark.pedantic(hot, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    hot_min = benchmark.stats.stats.min
+    ref_min = _min_time(reference)
+    ratio = hot_min / ref_min
+    benchmark.extra_info.update({"reference_s": ref_min, "ratio": ratio})
+    baselines = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+    if os.environ.get("IWS_PERF_UPDATE"):
+        baselines[name] = round(ratio, 4)
+        BASELINE.write_text(json.dumps(dict(sorted(baselines.items())), indent=2) + "\n")
+        return
+    if name not in baselines:
+        pytest.fail(f"no baseline for {name!r} in {BASELINE}; run with IWS_PERF_UPDATE=1 to record one")
+    limit = baselines[name] * TOLERANCE
+    assert ratio <= limit, (f"{name} slowed down: {ratio:.3f}x its reference, baseline {baselines[name]:.3f}x "
+                            f"(limit {limit:.3f}); hot {hot_min * 1e3:.2f} ms, reference {ref_min * 1e3:.2f} ms")
+
+
+@pytest.fixture(scope="module")
+def vignette_png() -> bytes:
+    from iws_engine.export.synth import encode_png, render_vignette
+
+    return encode_png(render_vignette(np.random.default_rng([3, 1]), True, 528, 539), "rgba16")
+
+
+@pytest.fixture(scope="module")
+def inflate_reference(vignette_png):
+    """zlib inflate of the same image's pixel stream: the work no PNG decoder can skip."""
+    from iws_engine.loaders.png import parse_png
+
+    stream = parse_png(vignette_png).idat
+    return lambda: zlib.decompress(stream)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    from iws_engine.preprocess import iws_sarcnn_spec
+
+    return iws_sarcnn_spec(0.38, 0.156)
+
+
+def test_png_decode(benchmark, vignette_png, inflate_reference):
+    from iws_engine.loaders.png import decode_png
+
+    _check("png_decode_rgba16", benchmark, lambda: decode_png(vignette_png), inflate_reference)
+
+
+def test_preprocess(benchmark, vignette_png, spec):
+    from iws_engine.loaders.png import decode_png
+    from iws_engine.preprocess import preprocess_reference
+
+    pixels = decode_png(vignette_png)
+    a = np.random.default_rng(0).random((528, 539, 3))
+    _check("preprocess_rgba16", benchmark, lambda: preprocess_reference(pixels, spec), lambda: np.rint(a * 0.5 + a * 0.25))
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory, spec):
+    import torch
+
+    from iws_engine.export import weights
+    from iws_engine.export.models.sarcnn import SarCNN, state_to_numpy
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("perf") / "m.safetensors"
+    weights.save(path, state_to_numpy(SarCNN().eval()),
+                 weights.ModelMetadata(model="sarcnn", model_name="perf", preprocess=spec, threshold=0.5, trained=False))
+    return path
+
+
+def _matmul_reference():
+    a = np.random.default_rng(1).random((768, 768), dtype=np.float32)
+    return lambda: a @ a
+
+
+def test_onnxruntime_inference(benchmark, random_model):
+    from iws_engine import backends
+    from iws_engine.export import weights
+
+    b = backends.create("onnxruntime").load(weights.load(random_model), (1, 256, 256))
+    x = np.random.default_rng(2).standard_normal((16, 1, 256, 256)).astype(np.float32)
+    out = np.empty(16, np.float32)
+    _check("onnxruntime_sarcnn_b16", benchmark, lambda: b.infer(x, out), _matmul_reference())
+
+
+def test_end_to_end_classify(benchmark, random_model, vignette_png, inflate_reference):
+    from iws_engine.api import Classifier
+
+    blobs = [vignette_png] * 16
+    with Classifier(random_model, batch_size=16) as clf:
+        _check("classify_e2e_rgba16_x16", benchmark, lambda: list(clf.classify(blobs)),
+               lambda: [inflate_reference() for _ in range(16)])
+
+
+def test_xgboost_predict(benchmark):
+    xgb = pytest.importorskip("xgboost", reason="xgboost (xgboost-cpu) is not installed")
+    from tests.conftest import XGBOOST_MODEL, require
+
+    booster = xgb.Booster()
+    booster.load_model(str(require(XGBOOST_MODEL)))
+    booster.set_param({"nthread": 2})
+    feats = np.random.default_rng(3).dirichlet(np.ones(1000), size=512).astype(np.float32)
+    _check("xgboost_predict_512", benchmark, lambda: booster.inplace_predict(feats), _matmul_reference())
