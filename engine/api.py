@@ -27,8 +27,9 @@ class Classifier:
     def __init__(self, weights: str | Path | None = None, *, backend: str = "onnxruntime", device: str = "cpu",
                  precision: str = "fp32", batch_size: int = 64, threshold: float | None = None,
                  workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, artifacts: str | Path | None = None,
-                 loader: str | None = None):
-        """`loader`: "cpu", "gpu" or "dali"; None picks "gpu" where it can run (CUDA, CuPy, nvCOMP), else "cpu"."""
+                 loader: str | None = None, threads: int | None = None):
+        """`loader`: "cpu", "gpu" or "dali"; None picks "gpu" where it can run (CUDA, CuPy, nvCOMP), else "cpu".
+        `threads`: the backend's CPU threads (default: all cores)."""
         from iws_engine.export import weights as weights_io
 
         if artifacts is not None:
@@ -48,7 +49,8 @@ class Classifier:
         self.model_id = self.weights.model_id
         self.batch_size = batch_size
         if self.manifest is None:
-            self.backend = backends.create(backend, precision=precision, device=device)
+            options = {"threads": threads} if threads is not None else {}
+            self.backend = backends.create(backend, precision=precision, device=device, **options)
             self.backend.load(self.weights, (self.spec.channels, *self.spec.size))
         on_gpu = str(device).startswith("cuda")
         cuda_index = int(str(device).partition(":")[2] or 0) if on_gpu else 0
