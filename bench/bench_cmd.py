@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--mode", choices=MODES, default="model",
                         help="model: backend only, on preprocessed inputs; e2e: PNG bytes -> scores (default: %(default)s)")
-    parser.add_argument("--config", dest="configs", action="append", type=_config, metavar="BACKEND:PRECISION[:DEVICE]",
-                        help="a configuration to measure, repeatable; the first is the baseline "
+    parser.add_argument("--config", dest="configs", action="append", type=_config, metavar="BACKEND:PRECISION[:DEVICE][@LOADER]",
+                        help="a configuration to measure, repeatable; the first is the baseline; "
+                             "@cpu/@gpu/@dali picks the PNG loader in e2e mode "
                              "(default: torch:fp32, onnxruntime:fp32 on cpu; CUDA machines add torch fp32/fp16 on cuda first)")
     parser.add_argument("--batch-sizes", type=_batch_sizes, default=DEFAULT_BATCH_SIZES, metavar="B[,B...]",
                         help="batch-size sweep (default: 1,16,64)")

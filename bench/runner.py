@@ -81,15 +81,17 @@ def git_commit() -> str:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One configuration to measure: a backend name, a precision and a device."""
+    """One configuration to measure: a backend name, a precision, a device and (e2e) a PNG loader."""
 
     backend: str = "torch"
     precision: str = "fp32"
     device: str = "cpu"
+    loader: str | None = None  # e2e only: "cpu", "gpu" or "dali"; None = the Classifier's default
 
     @property
     def label(self) -> str:
-        return f"{self.backend}:{self.precision}:{self.device}"
+        base = f"{self.backend}:{self.precision}:{self.device}"
+        return f"{base}@{self.loader}" if self.loader else base
 
     @property
     def is_cuda(self) -> bool:
@@ -102,12 +104,15 @@ class BenchConfig:
 
     @classmethod
     def parse(cls, text: str) -> "BenchConfig":
-        """``backend:precision[:device]``, e.g. ``torch:fp16:cuda`` or ``onnxruntime:fp32`` (device cpu)."""
-        backend, _, rest = text.strip().partition(":")
+        """``backend:precision[:device][@loader]``, e.g. ``torch:fp16:cuda@gpu`` or ``onnxruntime:fp32`` (device cpu)."""
+        text, _, loader = text.strip().partition("@")
+        backend, _, rest = text.partition(":")
         precision, _, device = rest.partition(":")  # the device may itself hold a colon: cuda:1
         if not backend or not precision:
-            raise ValueError(f"configuration must look like backend:precision[:device], got {text!r}")
-        return cls(backend, precision, device or "cpu")
+            raise ValueError(f"configuration must look like backend:precision[:device][@loader], got {text!r}")
+        if loader and loader not in ("cpu", "gpu", "dali"):
+            raise ValueError(f"loader must be cpu, gpu or dali, got {loader!r}")
+        return cls(backend, precision, device or "cpu", loader or None)
 
 
 def default_configs(cuda_available: bool) -> list[BenchConfig]:
@@ -244,7 +249,7 @@ class _EndToEndSubject:
         self.close()
         start = time.perf_counter()
         self.classifier = Classifier(self.weights_path, backend=self.config.backend, device=self.config.device,
-                                     precision=self.config.precision, batch_size=batch_size)
+                                     precision=self.config.precision, batch_size=batch_size, loader=self.config.loader)
         if self.load_s is None:
             self.load_s = time.perf_counter() - start
             self.info = self.classifier.backend.info()
@@ -349,7 +354,7 @@ def run_bench(configs: Iterable[BenchConfig], *, mode: str = "model",
         subjects = []
         for config in configs:
             record: dict[str, Any] = {"label": config.label, "backend": config.backend,
-                                      "precision": config.precision, "device": config.device}
+                                      "precision": config.precision, "device": config.device, "loader": config.loader}
             config_records.append(record)
             try:
                 if mode == "model":

@@ -48,6 +48,10 @@ def test_config_syntax() -> None:
     assert BenchConfig.parse("torch:fp16:cuda:1") == BenchConfig("torch", "fp16", "cuda:1")
     assert BenchConfig.parse("torch:fp16:cuda:1").cuda_index == 1
     assert BenchConfig.parse("onnxruntime:fp32:cpu").label == "onnxruntime:fp32:cpu"
+    gpu_loader = BenchConfig.parse("torch:fp16:cuda@gpu")
+    assert gpu_loader == BenchConfig("torch", "fp16", "cuda", "gpu") and gpu_loader.label == "torch:fp16:cuda@gpu"
+    with pytest.raises(ValueError, match="loader must be"):
+        BenchConfig.parse("torch:fp32@nvjpeg")
     for bad in ("torch", "torch:", ":fp32", ""):
         with pytest.raises(ValueError):
             BenchConfig.parse(bad)
@@ -340,3 +344,15 @@ def test_bench_command_argument_errors() -> None:
     assert (defaults.mode, defaults.batch_sizes, defaults.runs, defaults.warmup, defaults.n_images) == ("model", (1, 16, 64), 5, 2, 256)
     assert defaults.configs is None and defaults.output_dir == Path("bench/results")
     assert _parse(report_cmd, []).results == Path("bench/results")
+
+
+def test_e2e_loader_choice_side_by_side(random_weights) -> None:
+    """Loaders are part of a configuration; one that cannot run here is recorded, not fatal."""
+    configs = [BenchConfig.parse("onnxruntime:fp32:cpu@cpu"), BenchConfig.parse("onnxruntime:fp32:cpu@gpu")]
+    result = run_bench(configs, mode="e2e", batch_sizes=(2,), runs=1, warmup=0, n_images=2, size=(32, 32),
+                       weights=random_weights)
+    records = {c["label"]: c for c in result["configs"]}
+    assert records["onnxruntime:fp32:cpu@cpu"].get("error") is None
+    assert records["onnxruntime:fp32:cpu@cpu"]["loader"] == "cpu"
+    assert records["onnxruntime:fp32:cpu@gpu"]["error"]  # no CUDA/CuPy/nvCOMP on this machine
+    assert [r["config"] for r in result["rows"]] == ["onnxruntime:fp32:cpu@cpu"]
