@@ -22,13 +22,13 @@ from iws_engine.preprocess import PreprocessSpec
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 14
     batch_size: int = 16
     max_lr: float = 3e-3
     weight_decay: float = 1e-2
     label_smoothing: float = 0.1
     seed: int = 0
-    n_train: int = 2000
+    n_train: int = 3000
     n_val: int = 300
     threads: int | None = None
     train_seed_offset: int = 1_000  # synthetic train/val/test sets never share a seed
