@@ -6,7 +6,7 @@ preprocessing and inference), so a noisy or different-speed machine moves both a
 holds. Everything runs on one thread: on a 2-core machine a busy neighbour then still leaves a
 whole core, where multi-threaded timings swing by several times. The minimum over rounds is
 compared. A test fails when its ratio exceeds the committed baseline
-(bench/baselines/cpu_hot_paths.json) by more than 25 %.
+(bench/baselines/cpu_hot_paths.json) by more than 25 % in three measurements in a row.
 
 Refresh the baseline on a quiet CI-class machine (2 cores) after an intended change:
     IWS_PERF_UPDATE=1 .venv/bin/python -m pytest tests/perf -q
@@ -27,32 +27,46 @@ import pytest
 BASELINE = Path(__file__).resolve().parents[2] / "bench" / "baselines" / "cpu_hot_paths.json"
 TOLERANCE = 1.25
 ROUNDS = 15
+ATTEMPTS = 3
 
 
-def _check(name: str, benchmark, hot, reference) -> None:
+def _paired_min_ratio(hot, reference, rounds: int = ROUNDS) -> tuple[float, float, float]:
+    """min(hot)/min(reference) over `rounds` interleaved rounds; also both minima."""
     hot_times: list[float] = []
     ref_times: list[float] = []
-
-    def paired_round():
+    for _ in range(rounds):
         for fn, times in ((reference, ref_times), (hot, hot_times)):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-
-    benchmark.pedantic(paired_round, rounds=ROUNDS, iterations=1, warmup_rounds=2)
     hot_min, ref_min = min(hot_times), min(ref_times)
-    ratio = hot_min / ref_min
-    benchmark.extra_info.update({"hot_s": hot_min, "reference_s": ref_min, "ratio": ratio})
+    return hot_min / ref_min, hot_min, ref_min
+
+
+def _check(name: str, benchmark, hot, reference) -> None:
+    # pytest-benchmark times the hot path (its table and --benchmark-json are the report) ...
+    benchmark.pedantic(hot, rounds=ROUNDS, iterations=1, warmup_rounds=2)
     baselines = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+    # ... and the verdict uses the in-run ratio. A suspect ratio is measured again (up to 3 times):
+    # a real slowdown is slow every time, a busy neighbour rarely is.
+    limit = baselines[name] * TOLERANCE if name in baselines else float("inf")
+    attempts = []
+    for _ in range(ATTEMPTS):
+        attempts.append(_paired_min_ratio(hot, reference))
+        if attempts[-1][0] <= limit:
+            break
+    ratio, hot_min, ref_min = min(attempts)
+    benchmark.extra_info.update({"hot_s": hot_min, "reference_s": ref_min, "ratio": ratio,
+                                 "attempts": [a[0] for a in attempts]})
     if os.environ.get("IWS_PERF_UPDATE"):
         baselines[name] = round(ratio, 4)
         BASELINE.write_text(json.dumps(dict(sorted(baselines.items())), indent=2) + "\n")
         return
     if name not in baselines:
         pytest.fail(f"no baseline for {name!r} in {BASELINE}; run with IWS_PERF_UPDATE=1 to record one")
-    limit = baselines[name] * TOLERANCE
-    assert ratio <= limit, (f"{name} slowed down: {ratio:.3f}x its reference, baseline {baselines[name]:.3f}x "
-                            f"(limit {limit:.3f}); hot {hot_min * 1e3:.2f} ms, reference {ref_min * 1e3:.2f} ms")
+    assert ratio <= limit, (f"{name} slowed down: {ratio:.3f}x its reference in each of {len(attempts)} attempts "
+                            f"(best), baseline {baselines[name]:.3f}x (limit {limit:.3f}); "
+                            f"hot {hot_min * 1e3:.2f} ms, reference {ref_min * 1e3:.2f} ms")
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +155,10 @@ def test_xgboost_predict(benchmark):
     booster.set_param({"nthread": 1})
     feats = np.random.default_rng(3).dirichlet(np.ones(1000), size=512).astype(np.float32)
     _check("xgboost_predict_512", benchmark, lambda: booster.inplace_predict(feats), _arithmetic_reference())
+
+
+def test_the_guard_sees_a_slowdown(inflate_reference):
+    """The measurement itself: a hot path doing its reference's work twice reads as ~2x, past the limit."""
+    ratio, _, _ = _paired_min_ratio(lambda: (inflate_reference(), inflate_reference()), inflate_reference)
+    assert 1.6 < ratio < 2.5
+    assert ratio > 1.0 * TOLERANCE
