@@ -990,3 +990,16 @@ if __name__ == "__main__":
         arrays = {str(k): libpng_load(library, Path(p).read_bytes()) for k, p in enumerate(sys.argv[4:])}
         np.savez(sys.argv[3], **arrays)
         print(library.png_get_libpng_ver(None).decode())
+
+
+def test_fast_inflate_agrees_with_the_zlib_reference():
+    """libdeflate (when installed) is only a faster route to the same bytes; zlib stays the reference."""
+    from iws_engine.export.synth import encode_png, render_vignette
+    from iws_engine.loaders import png as png_module
+
+    if png_module._libdeflate is None:
+        pytest.skip("the optional 'deflate' package (libdeflate) is not installed")
+    for fmt in ("rgba16", "gray8"):
+        data = encode_png(render_vignette(np.random.default_rng([5, 1]), True, 64, 80), fmt)
+        info = png_module.parse_png(data)
+        assert png_module.inflate_idat(info) == png_module._inflate_idat_zlib(info)
