@@ -28,7 +28,7 @@ from iws_engine.bench.metrics import (
     wilson_interval,
 )
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "iws-gmd-2026"
+from tests.conftest import IWS_REFERENCE as REFERENCE
 DATA = REFERENCE / "data"
 EVALUATION_FILES = [f"pipeline_{p}_{d}_evaluation.json" for p in "ab" for d in ("gpu", "cpu")]
 # The paper's test set: 2,930 ISW positives and 2,930 negatives (data/README.md; the class_balance

@@ -17,7 +17,7 @@ from iws_engine.bench.projection import (
     read_throughput,
 )
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "iws-gmd-2026"
+from tests.conftest import IWS_REFERENCE as REFERENCE
 DATA = REFERENCE / "data"
 INFERENCE_FILES = {
     "a_gpu": "pipeline_a_gpu_inference.json",
