@@ -120,3 +120,27 @@ def test_spec_round_trip_and_refusal():
         PreprocessSpec(mean=0.5, std=0.25, resize="pil-bilinear")
     with pytest.raises(ValueError, match="invalid normalisation"):
         PreprocessSpec(mean=0.5, std=0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_grey_of_equal_channels_is_the_code_itself(dtype):
+    """Every code v: Gray(v, v, v) == v. This licenses preprocessing R=G=B images from one channel."""
+    v = np.arange(np.iinfo(dtype).max + 1, dtype=dtype)
+    np.testing.assert_array_equal(grey_codes(np.stack([v, v, v], axis=-1)[None])[0], v)
+
+
+def test_equal_channel_shortcut_gives_the_full_path_result():
+    spec = PreprocessSpec(mean=0.38, std=0.156, size=(16, 16))
+    rng = np.random.default_rng(7)
+    grey = rng.integers(0, 65536, size=(41, 37, 1)).astype(np.uint16)
+    rgba = np.concatenate([grey, grey, grey, np.full_like(grey, 65535)], axis=2)
+    via_shortcut = preprocess_reference(rgba, spec)
+    full = (grey_codes(julia_pixel_by_pixel(rgba[..., :3], 16, 16)).astype(np.float32) / np.float32(65535)
+            - np.float32(spec.mean)) / np.float32(spec.std)
+    np.testing.assert_array_equal(via_shortcut, full)
+    rgba[3, 4, 1] += 1  # one differing sample: the full colour path must be taken
+    almost = preprocess_reference(rgba, spec)
+    np.testing.assert_array_equal(
+        almost,
+        (grey_codes(julia_pixel_by_pixel(rgba[..., :3], 16, 16)).astype(np.float32) / np.float32(65535)
+         - np.float32(spec.mean)) / np.float32(spec.std))
