@@ -65,6 +65,15 @@ class Classifier:
         return score_batches(self.loader.batches(_expand_mixed(inputs)), self.backend, threshold=self.threshold,
                              model_id=self.model_id, stats=self.last_stats)
 
+    @property
+    def trained(self) -> bool:
+        """False for randomly initialised weights: throughput is meaningful, scores are not."""
+        return bool(self.meta.trained)
+
+    @property
+    def runtime(self) -> str:
+        return f"{self.backend.name} {self.backend.precision}"
+
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Probabilities for already preprocessed inputs (N, C, H, W) float32."""
         out = np.empty((inputs.shape[0],), np.float32)

@@ -13,13 +13,26 @@ from iws_engine.argtypes import probability as _threshold
 from iws_engine.argtypes import size_wxh as _size
 
 EXIT_OK, EXIT_INPUT_ERRORS, EXIT_USAGE = 0, 1, 2
+PIPELINES = ("sarcnn", "eva02xgb")
+EVA_CONFIGS = ("large", "tiny")  # iws_engine.pipeline_a.EVA_CONFIGS, without importing torch for --help
 
 
 # ----- argument groups shared by subcommands (same option, same spelling everywhere) -----
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", "--weights", dest="weights", type=Path, metavar="FILE",
-                   help="SAR_CNN weights (.safetensors from import-lux or train); default: the embedded model")
+    g.add_argument("--model", metavar="NAME|FILE",
+                   help="the pipeline: sarcnn (Pipeline B, the default) or eva02xgb (Pipeline A: EVA02 + XGBoost); "
+                        "any other value is a SAR_CNN weights file, as --weights (write ./eva02xgb for a file of "
+                        "that name)")
+    g.add_argument("--weights", type=Path, metavar="FILE",
+                   help="the model's weights: SAR_CNN .safetensors (from import-lux or train; default: the embedded "
+                        "model) or, with --model eva02xgb, EVA02 weights (default: random, untrained)")
+    g.add_argument("--xgboost", type=Path, metavar="FILE",
+                   help="with --model eva02xgb: Pipeline A's XGBoost model (JSON), e.g. the paper's "
+                        "models/pipeline_a_xgboost.json; required")
+    g.add_argument("--eva-config", default="large", choices=EVA_CONFIGS,
+                   help="with --model eva02xgb: EVA02 architecture; tiny (56 px, 2 blocks) is for tests and "
+                        "smoke runs only (default: %(default)s)")
     g.add_argument("--backend", default="onnxruntime",
                    choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"),
                    help="inference backend (default: %(default)s, the fastest on CPU)")
@@ -61,17 +74,51 @@ def cmd_import_lux(args) -> int:
     return EXIT_OK
 
 
+def resolve_model(args) -> tuple[str, Path | None]:
+    """(pipeline, weights) from `--model NAME|FILE` and `--weights FILE`: a name picks the pipeline, a path
+    is SAR_CNN weights (what --model always meant)."""
+    model, weights = getattr(args, "model", None), getattr(args, "weights", None)
+    if model is None or model in PIPELINES:
+        return model or "sarcnn", weights
+    if weights is not None:
+        raise ValueError(f"--model {model} is a weights file and --weights {weights} another: give one")
+    return "sarcnn", Path(model)
+
+
+def _eva_xgb_classifier(args, weights: Path | None):
+    """Pipeline A from the command line; refuses the options that only the SAR_CNN path implements."""
+    from iws_engine.pipeline_a import EvaXgbClassifier
+
+    if getattr(args, "xgboost", None) is None:
+        raise ValueError("--model eva02xgb needs --xgboost FILE: Pipeline A's XGBoost model (the paper's "
+                         "models/pipeline_a_xgboost.json)")
+    if getattr(args, "artifacts", None) is not None:
+        raise ValueError("--artifacts is not supported with --model eva02xgb (no build for Pipeline A yet)")
+    if getattr(args, "loader", None) not in (None, "cpu"):
+        raise ValueError(f"--loader {args.loader} is not supported with --model eva02xgb (Pillow preprocessing: cpu)")
+    if getattr(args, "backend", "onnxruntime") not in ("onnxruntime", "torch"):  # the default, or eager torch
+        raise ValueError(f"--backend {args.backend} is not supported with --model eva02xgb (torch eager only)")
+    return EvaXgbClassifier(args.xgboost, weights, eva_config=getattr(args, "eva_config", "large"),
+                            device=args.device, precision=args.precision, batch_size=args.batch_size,
+                            threshold=getattr(args, "threshold", None), workers=args.workers,
+                            max_pixels=args.max_pixels)
+
+
 def run_classify(inputs, args, output: str | None, progress: bool):
     """Classify `inputs`, stream rows to `output`; returns (rows written, failed, stats, classifier info)."""
     from iws_engine.api import Classifier
     from iws_engine.outputs import RowWriter
     from iws_engine.pipeline import expand_inputs
 
+    pipeline, weights = resolve_model(args)
     items = list(expand_inputs(inputs))
-    clf = Classifier(args.weights, backend=args.backend, device=args.device, precision=args.precision,
-                     batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
-                     workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None),
-                     loader=getattr(args, "loader", None))
+    if pipeline == "eva02xgb":
+        clf = _eva_xgb_classifier(args, weights)
+    else:
+        clf = Classifier(weights, backend=args.backend, device=args.device, precision=args.precision,
+                         batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
+                         workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None),
+                         loader=getattr(args, "loader", None))
     failed = 0
     with clf, RowWriter(output or "-") as writer, _progress(len(items), "classify", progress) as bar:
         for row in clf.classify(items):
@@ -88,10 +135,10 @@ def cmd_classify(args) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"iws-engine classify: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if not clf.meta.trained:
+    if not clf.trained:
         print("warning: the model is randomly initialised: throughput is valid, scores are not", file=sys.stderr)
     print(f"classified {n - failed}/{n} images in {stats.wall:.2f} s ({stats.throughput:.1f} img/s, "
-          f"{clf.backend.name} {clf.backend.precision}, model {clf.model_id}, threshold {clf.threshold:g})"
+          f"{clf.runtime}, model {clf.model_id}, threshold {clf.threshold:g})"
           + (f"; {failed} failed (see the error column)" if failed else ""), file=sys.stderr)
     return EXIT_INPUT_ERRORS if failed else EXIT_OK
 
@@ -236,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="PATH", help="PNG files or directories (searched recursively)")
     _add_model_args(p)
     _add_loader_args(p)
-    p.add_argument("--threshold", type=_threshold, help="decision threshold (default: the model's, 0.47 for IWS)")
+    p.add_argument("--threshold", type=_threshold,
+                   help="decision threshold (default: the model's, 0.47 for IWS; 0.48 for eva02xgb, the paper's)")
     p.add_argument("-o", "--output", metavar="OUT", help="results .csv, .jsonl or .parquet (default: CSV on stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_classify)

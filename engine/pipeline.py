@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -52,15 +52,26 @@ class RunStats:
 def score_batches(batches: Iterable[Batch], backend, *, threshold: float, model_id: str,
                   stats: RunStats | None = None) -> Iterator[Row]:
     """Run the backend on each batch and yield one row per input, in input order."""
+
+    def probabilities(inputs: np.ndarray) -> np.ndarray:
+        logits = np.empty((inputs.shape[0],), dtype=np.float32)
+        backend.infer(inputs, logits)
+        return sigmoid(logits)
+
+    return rows_from_batches(batches, probabilities, threshold=threshold, model_id=model_id, stats=stats)
+
+
+def rows_from_batches(batches: Iterable[Batch], probabilities: Callable[[np.ndarray], np.ndarray], *,
+                      threshold: float, model_id: str, stats: RunStats | None = None) -> Iterator[Row]:
+    """Score each batch's good inputs with `probabilities` (N,) and yield one row per input, in input order."""
     stats = stats if stats is not None else RunStats()
     start = time.perf_counter()
     for batch in batches:
-        logits = np.empty((len(batch.ok),), dtype=np.float32)
+        scores = np.empty((0,), dtype=np.float32)
         if batch.ok:
             t0 = time.perf_counter()
-            backend.infer(batch.inputs, logits)
+            scores = probabilities(batch.inputs)
             stats.infer += time.perf_counter() - t0
-        scores = sigmoid(logits)
         by_item = dict(zip(batch.ok, scores))
         stats.stages.add(batch.times)
         for k, item in enumerate(batch.items):

@@ -13,7 +13,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -21,6 +21,10 @@ from iws_engine.backends.base import cpu_cores
 from iws_engine.preprocess import PreprocessSpec, preprocess_reference
 
 DEFAULT_MAX_PIXELS = 64_000_000
+
+InputItem = str | Path | bytes
+#: Fills `out` (one item's model input) from an input named `name`; raises PngError for a bad input.
+PreprocessOne = Callable[[InputItem, str, np.ndarray], "StageTimes"]
 
 
 @dataclass
@@ -48,21 +52,27 @@ class Batch:
     times: StageTimes = field(default_factory=StageTimes)
 
 
-def load_one(item: str | Path | bytes, name: str, spec: PreprocessSpec, max_pixels: int, out: np.ndarray) -> StageTimes:
+def read_input(item: InputItem, name: str) -> bytes:
+    """The bytes of an input (a path is read); raises PngError naming `name` when it cannot be read."""
+    from iws_engine.loaders.png import PngError
+
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return item
+    try:
+        return Path(item).read_bytes()
+    except IsADirectoryError:
+        raise PngError("is a directory, not a PNG file", path=name) from None
+    except OSError as e:
+        raise PngError(f"cannot read file ({e.strerror or e})", path=name) from None
+
+
+def load_one(item: InputItem, name: str, spec: PreprocessSpec, max_pixels: int, out: np.ndarray) -> StageTimes:
     """Read, decode and preprocess one PNG into `out` (H, W); raises PngError naming `name`."""
-    from iws_engine.loaders.png import PngError, decode_png
+    from iws_engine.loaders.png import decode_png
 
     t = StageTimes()
     t0 = time.perf_counter()
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        data = item
-    else:
-        try:
-            data = Path(item).read_bytes()
-        except IsADirectoryError:
-            raise PngError("is a directory, not a PNG file", path=name) from None
-        except OSError as e:
-            raise PngError(f"cannot read file ({e.strerror or e})", path=name) from None
+    data = read_input(item, name)
     t1 = time.perf_counter()
     pixels = decode_png(data, path=name, max_pixels=max_pixels)
     t2 = time.perf_counter()
@@ -73,24 +83,43 @@ def load_one(item: str | Path | bytes, name: str, spec: PreprocessSpec, max_pixe
 
 
 class CpuLoader:
+    """Batches of model input made by worker threads.
+
+    By default each item is a PNG decoded and preprocessed to the SAR_CNN reference (`load_one`)
+    into (1, *spec.size). Another model's preprocessing plugs in through
+    `preprocess_one(item, name, out)` with `item_shape`, the shape of its `out` (e.g. Pipeline A's
+    CLIP preprocessing into (3, 448, 448)); batching, ordering and error rows stay the same.
+    """
+
     name = "cpu"
 
-    def __init__(self, spec: PreprocessSpec, batch_size: int = 64, workers: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, prefetch_batches: int = 2):
+    def __init__(self, spec: PreprocessSpec | None, batch_size: int = 64, workers: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, prefetch_batches: int = 2, *,
+                 preprocess_one: PreprocessOne | None = None, item_shape: tuple[int, ...] | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if preprocess_one is not None and item_shape is None:
+            raise ValueError("a custom preprocess_one needs the item_shape it writes")
+        if preprocess_one is None and spec is None:
+            raise ValueError("the default PNG preprocessing needs a PreprocessSpec")
         self.spec = spec
         self.batch_size = batch_size
         self.workers = workers or cpu_cores()
         self.max_pixels = max_pixels
         self.prefetch_batches = max(1, prefetch_batches)
+        self.item_shape = tuple(item_shape) if item_shape is not None else (1, *spec.size)
+        self.preprocess_one: PreprocessOne = preprocess_one or self._reference_preprocess
+
+    def _reference_preprocess(self, item: InputItem, name: str, out: np.ndarray) -> StageTimes:
+        # the reference writes one grey (H, W) plane: the single channel of `out` (1, H, W)
+        return load_one(item, name, self.spec, self.max_pixels, out[0])
 
     def _work(self, item, name: str) -> tuple[np.ndarray | None, str | None, StageTimes]:
         from iws_engine.loaders.png import PngError
 
-        out = np.empty(self.spec.size, dtype=np.float32)
+        out = np.empty(self.item_shape, dtype=np.float32)
         try:
-            return out, None, load_one(item, name, self.spec, self.max_pixels, out)
+            return out, None, self.preprocess_one(item, name, out)
         except PngError as e:
             return None, str(e), StageTimes()
         except MemoryError:
@@ -100,7 +129,6 @@ class CpuLoader:
 
     def batches(self, items: Iterable[str | Path | bytes]) -> Iterator[Batch]:
         """Batches in input order; decoding runs up to `prefetch_batches` batches ahead."""
-        channels = self.spec.channels
         with ThreadPoolExecutor(self.workers, thread_name_prefix="iws-decode") as pool:
             pending: deque = deque()
             index = 0
@@ -132,7 +160,7 @@ class CpuLoader:
                         arrays.append(arr)
                     else:
                         errors[k] = err
-                inputs = (np.stack(arrays)[:, None] if arrays else np.empty((0, channels, *self.spec.size), np.float32))
+                inputs = np.stack(arrays) if arrays else np.empty((0, *self.item_shape), np.float32)
                 yield Batch(items=labels, inputs=inputs, ok=ok, errors=errors, times=times)
 
 
