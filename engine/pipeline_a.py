@@ -101,7 +101,7 @@ class EvaXgbClassifier:
     """
 
     def __init__(self, xgboost_model: str | Path, weights: str | Path | None = None, *, eva_config: str = "large",
-                 device: str = "cpu", precision: str = "fp32", batch_size: int = 16, threshold: float | None = None,
+                 device: str = "cpu", precision: str = "fp32", batch_size: int | None = None, threshold: float | None = None,
                  workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
                  seed: int = 0):
         import torch
@@ -123,7 +123,7 @@ class EvaXgbClassifier:
         self.device = torch.device(device)
         self.eva.model.to(self.device)
         self.precision = precision
-        self.batch_size = batch_size
+        self.batch_size = batch_size = batch_size or 16  # EVA02-L activations: keep CPU batches small
         self.trained = self.eva.trained
         self.model_id = f"{self.eva.model_id}+xgb:{_file_id(Path(xgboost_model))}"
         self.runtime = f"torch-eager {precision} on {device}"
