@@ -49,7 +49,7 @@ import numpy as np
 
 from iws_engine import kernels
 from iws_engine.backends.base import cpu_cores
-from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, Batch, StageTimes, _label, load_one
+from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, Batch, StageTimes, _label, load_one, read_input
 from iws_engine.loaders.png import (
     _LIBPNG_USER_LIMIT,  # OpenCV's libpng refuses larger sides; the CPU path reports that error
     GREY,
@@ -363,18 +363,6 @@ def _status_reason(bits: int) -> str:
     return "device: " + ", ".join(name for bit, name in names if bits & bit)
 
 
-def _read_item(item: str | Path | bytes, name: str) -> bytes:
-    """The file's bytes, with the CPU loader's error messages."""
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return bytes(item)
-    try:
-        return Path(item).read_bytes()
-    except IsADirectoryError:
-        raise PngError("is a directory, not a PNG file", path=name) from None
-    except OSError as e:
-        raise PngError(f"cannot read file ({e.strerror or e})", path=name) from None
-
-
 class GpuLoader:
     """Batches whose `inputs` is a device array (CuPy, (N, C, H, W) fp32 or fp16) in item order.
 
@@ -427,7 +415,7 @@ class GpuLoader:
         parsed = _Parsed(name)
         t0 = time.perf_counter()
         try:
-            parsed.data = _read_item(item, name)
+            parsed.data = bytes(read_input(item, name))
             t1 = time.perf_counter()
             parsed.read = t1 - t0
             parsed.info = parse_png(parsed.data, path=name, max_pixels=self.max_pixels)
