@@ -48,9 +48,9 @@ from iws_engine.loaders.gpu import (
 from iws_engine.loaders.png import decode_png, inflate_idat, parse_png
 from iws_engine.preprocess import PreprocessSpec, imresize_axis_weights, preprocess_reference
 from tests.conftest import PNGSUITE
+from tests.pngtools import SIGNATURE, chunk, iter_chunks, without_chunks
 
 KERNEL_FILES = ("png_unfilter.cu", "grey_resize.cu", "adler32.cu")
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 GPU_FORMATS = [(0, 8), (0, 16), (4, 8), (4, 16), (2, 8), (2, 16), (6, 8), (6, 16)]  # (colour type, bit depth)
 SPEC = PreprocessSpec(mean=0.4, std=0.2)  # 256x256, the IWS spec's shape
@@ -59,9 +59,6 @@ ADLER_MOD = 65521
 
 # --- a PNG writer that uses every filter type (vectorised per row, fast enough for 539x528 RGBA16) ---
 
-
-def chunk(ctype: bytes, body: bytes = b"") -> bytes:
-    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
 
 
 def paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -255,13 +252,6 @@ def test_fallback_routes_every_pngsuite_file() -> None:
         on_gpu += reason is None
     assert on_gpu >= 20  # the 8/16-bit non-gamma files of testpngs/
 
-
-def iter_chunks(data: bytes):
-    pos = 8
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        yield data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        pos += 12 + length
 
 
 # --- CPU: batch descriptors --------------------------------------------------------------------------
@@ -746,9 +736,6 @@ def suite_files(*folders: str) -> list[Path]:
         pytest.skip(f"reference PNGs absent: {PNGSUITE}")
     return sorted(p for folder in folders for p in (PNGSUITE / folder).glob("*.png"))
 
-
-def without_chunks(data: bytes, *drop: bytes) -> bytes:
-    return SIGNATURE + b"".join(chunk(t, b) for t, b in iter_chunks(data) if t not in drop)
 
 
 def unpack_sub_byte(rows: np.ndarray, width: int, depth: int) -> np.ndarray:

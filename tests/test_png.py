@@ -31,10 +31,17 @@ import numpy as np
 import pytest
 
 from iws_engine.loaders.png import PngError, decode_png, decode_png_file, parse_png
+from tests.conftest import PNGSUITE
+from tests.pngtools import SIGNATURE, chunk, iter_chunks, without_chunks
 
-PNGSUITE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "pngsuite"
+
+def script_env() -> dict[str, str]:
+    """This file also runs as a script (the libpng oracle, the crash-isolating decode worker): let it import `tests`."""
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+
+
 ABSENT = f"reference PNGs absent: {PNGSUITE} (tests read ../shared/reference next to the repo)"
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 ALL_FORMATS = [(0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 1), (3, 2), (3, 4), (3, 8),
@@ -57,20 +64,7 @@ VALID = suite_params(*VALID_FOLDERS)
 MALFORMED = suite_params("testpngs/crashers", "testpngs/badpal")
 
 
-def iter_chunks(data: bytes):
-    pos = 8
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        yield data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        pos += 12 + length
 
-
-def chunk(ctype: bytes, body: bytes = b"") -> bytes:
-    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
-
-
-def without_chunks(data: bytes, *drop: bytes) -> bytes:
-    return SIGNATURE + b"".join(chunk(t, b) for t, b in iter_chunks(data) if t not in drop)
 
 
 # --- an independent encoder and decoder -----------------------------------------------------------
@@ -544,7 +538,7 @@ def run_libpng(files: list[Path], out: Path) -> str:
         pytest.skip("libpng16 shared library not found: cannot run the libpng oracle")
     proc = subprocess.run(
         [sys.executable, __file__, "--libpng", lib_name, str(out), *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=script_env(),
     )  # fmt: skip
     assert proc.returncode == 0, f"libpng oracle failed ({proc.returncode}): {proc.stderr[-2000:]}"
     return proc.stdout.strip()
@@ -611,7 +605,7 @@ def guarded_decode(paths: list[Path], timeout_s: float = 20.0) -> dict[str, dict
         with open(os.devnull, "wb") as devnull:
             worker = subprocess.Popen(
                 [sys.executable, __file__, "--decode-worker"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=devnull,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=devnull, env=script_env(),
             )  # fmt: skip
         worker.stdin.write("\n".join(pending).encode() + b"\n")
         worker.stdin.close()
