@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,13 +107,12 @@ def load(path: str | Path) -> LoadedWeights:
     except OSError as e:
         raise ValueError(f"{path}: cannot read weights ({e.strerror})") from None
     try:
-        tensors = load(data)
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as f:
-            raw_meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = load(data)  # validates the whole file, header included
+    except (SafetensorError, ValueError) as e:
         raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    # The metadata comes from the same bytes as the tensors and the sha256 (one read, one version).
+    (header_len,) = struct.unpack("<Q", data[:8])
+    raw_meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
     meta = ModelMetadata.from_strings(raw_meta, where=str(path))
     return LoadedWeights(tensors=tensors, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
 

@@ -135,3 +135,20 @@ def test_cli_synth_then_train_writes_a_documented_model(tmp_path):
     assert rec["command"].startswith("iws-engine train")
     # normalisation statistics were measured on the training data, not copied from the IWS checkpoint
     assert 0.05 < w.meta.preprocess.std < 0.5 and w.meta.preprocess.mean != pytest.approx(0.37975472)
+
+
+def test_weights_files_are_checked(random_weights, tmp_path):
+    loaded = weights.load(random_weights)
+    assert loaded.meta.model == "sarcnn" and loaded.meta.trained is False and len(loaded.sha256) == 64
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"garbage" * 3)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        weights.load(garbage)
+    from safetensors.numpy import save_file
+
+    foreign = tmp_path / "foreign.safetensors"  # valid safetensors, but no iws-engine record
+    save_file({"w": np.zeros(3, np.float32)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not an iws-engine weights file"):
+        weights.load(foreign)
+    with pytest.raises(ValueError, match="cannot read weights"):
+        weights.load(tmp_path / "missing.safetensors")
