@@ -197,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
             next(iter(matched.model_ids)) if len(matched.model_ids) == 1 else "unknown")
         label_array = np.asarray(matched.labels, dtype=bool)
         score_array = np.asarray(matched.scores, dtype=np.float64)
-        report = evaluation_report(label_array, score_array, pipeline=pipeline, backend=args.backend)
+        # what classified the images when evaluate ran them itself, else what --backend says
+        backend = getattr(args, "report_backend", None) or args.backend or "unknown"
+        report = evaluation_report(label_array, score_array, pipeline=pipeline, backend=backend)
     except (OSError, ValueError, KeyError) as error:
         print(f"iws-engine evaluate: {error}", file=sys.stderr)
         return 2

@@ -38,7 +38,11 @@ class Classifier:
             # a built, parity-checked artefact (iws-engine build): its manifest names weights and backend
             from iws_engine.export.build import load_artifacts
 
-            self.backend, self.weights, self.manifest = load_artifacts(Path(artifacts), device=device)
+            self.backend, target, self.manifest = load_artifacts(Path(artifacts), device=device)
+            if target.model != "sarcnn":
+                raise ValueError(f"{artifacts}: holds a {target.model} artefact; use "
+                                 "iws_engine.pipeline_a.EvaXgbClassifier(artifacts=...) for it")
+            self.weights = target.loaded
         else:
             path = Path(weights) if weights is not None else weights_io.default_weights_path()
             self.weights = weights_io.load(path)

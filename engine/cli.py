@@ -33,11 +33,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eva-config", default="large", choices=EVA_CONFIGS,
                    help="with --model eva02xgb: EVA02 architecture; tiny (56 px, 2 blocks) is for tests and "
                         "smoke runs only (default: %(default)s)")
-    g.add_argument("--backend", default="onnxruntime",
-                   choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"),
-                   help="inference backend (default: %(default)s, the fastest on CPU)")
+    g.add_argument("--backend", choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"),
+                   help="inference backend (default: onnxruntime for sarcnn, the fastest on CPU; torch for eva02xgb)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="(default: %(default)s)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16"),
+                   help="(default: %(default)s; int8/fp8 engines come from `iws-engine build`)")
     g.add_argument("--artifacts", type=Path, metavar="DIR",
                    help="use an artefact made by `iws-engine build` (its manifest sets model, backend and precision)")
 
@@ -87,22 +87,27 @@ def resolve_model(args) -> tuple[str, Path | None]:
 
 
 def _eva_xgb_classifier(args, weights: Path | None):
-    """Pipeline A from the command line; refuses the options that only the SAR_CNN path implements."""
+    """Pipeline A from the command line (EVA02 on any backend, or a built artefact, then XGBoost)."""
     from iws_engine.pipeline_a import EvaXgbClassifier
 
-    if getattr(args, "xgboost", None) is None:
+    artifacts = getattr(args, "artifacts", None)
+    if artifacts is None and getattr(args, "xgboost", None) is None:
         raise ValueError("--model eva02xgb needs --xgboost FILE: Pipeline A's XGBoost model (the paper's "
                          "models/pipeline_a_xgboost.json)")
-    if getattr(args, "artifacts", None) is not None:
-        raise ValueError("--artifacts is not supported with --model eva02xgb (no build for Pipeline A yet)")
-    if getattr(args, "loader", None) not in (None, "cpu"):
-        raise ValueError(f"--loader {args.loader} is not supported with --model eva02xgb (Pillow preprocessing: cpu)")
-    if getattr(args, "backend", "onnxruntime") not in ("onnxruntime", "torch"):  # the default, or eager torch
-        raise ValueError(f"--backend {args.backend} is not supported with --model eva02xgb (torch eager only)")
-    return EvaXgbClassifier(args.xgboost, weights, eva_config=getattr(args, "eva_config", "large"),
-                            device=args.device, precision=args.precision, batch_size=args.batch_size,
-                            threshold=getattr(args, "threshold", None), workers=args.workers,
-                            max_pixels=args.max_pixels)
+    return EvaXgbClassifier(getattr(args, "xgboost", None), weights, eva_config=getattr(args, "eva_config", "large"),
+                            backend=args.backend or "torch", device=args.device, precision=args.precision,
+                            batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
+                            workers=args.workers, max_pixels=args.max_pixels, artifacts=artifacts,
+                            loader=getattr(args, "loader", None) or "cpu")
+
+
+def _artifacts_pipeline(args) -> str | None:
+    """The pipeline an --artifacts folder was built for (its manifest's model), or None without one."""
+    if getattr(args, "artifacts", None) is None:
+        return None
+    from iws_engine.export.build import read_manifest
+
+    return read_manifest(args.artifacts).get("model", "sarcnn")
 
 
 def run_classify(inputs, args, output: str | None, progress: bool):
@@ -112,11 +117,15 @@ def run_classify(inputs, args, output: str | None, progress: bool):
     from iws_engine.pipeline import expand_inputs
 
     pipeline, weights = resolve_model(args)
+    built_for = _artifacts_pipeline(args)
+    if built_for is not None and getattr(args, "model", None) in PIPELINES and built_for != pipeline:
+        raise ValueError(f"--artifacts {args.artifacts} was built for --model {built_for}, not {pipeline}")
+    pipeline = built_for or pipeline
     items = list(expand_inputs(inputs))
     if pipeline == "eva02xgb":
         clf = _eva_xgb_classifier(args, weights)
     else:
-        clf = Classifier(weights, backend=args.backend, device=args.device, precision=args.precision,
+        clf = Classifier(weights, backend=args.backend or "onnxruntime", device=args.device, precision=args.precision,
                          batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
                          workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None),
                          loader=getattr(args, "loader", None))
@@ -225,8 +234,9 @@ def cmd_evaluate(args) -> int:
 
         scores = Path(tempfile.mkdtemp(prefix="iws-eval-")) / "scores.csv"
         progress = sys.stderr.isatty()
-        run_classify(args.data, args, str(scores), progress)
+        _, _, _, clf = run_classify(args.data, args, str(scores), progress)
         args.scores = scores
+        args.report_backend = f"{clf.runtime} on {args.device}" if "on " not in clf.runtime else clf.runtime
     if args.scores is None:
         print("iws-engine evaluate: give DATA to classify, or --scores from an earlier classify run", file=sys.stderr)
         return EXIT_USAGE
@@ -239,21 +249,37 @@ def cmd_project(args) -> int:
     return project_cmd.run(args)
 
 
+def _build_target(args):
+    """The model `build` compiles: SAR_CNN (default) or Pipeline A's EVA02 + XGBoost."""
+    from iws_engine.export.targets import Eva02XgbTarget, SarcnnTarget
+
+    if args.model == "eva02xgb":
+        return Eva02XgbTarget(args.weights, args.xgboost, eva_config=args.eva_config)
+    if args.xgboost is not None:
+        raise ValueError("--xgboost is only used with --model eva02xgb")
+    return SarcnnTarget(args.weights)
+
+
 def cmd_build(args) -> int:
     from iws_engine.backends import BackendError
     from iws_engine.export.build import BatchProfile, BuildError, build
 
     out = args.output or Path("artifacts") / f"{args.model}-{args.backend}-{args.precision}"
     try:
-        m = build(weights_path=args.weights, backend=args.backend, precision=args.precision, device=args.device,
-                  profile=BatchProfile.parse(args.batch), out_dir=out, no_build=args.no_build, calib_dir=args.calib)
+        m = build(target=_build_target(args), backend=args.backend, precision=args.precision, device=args.device,
+                  profile=BatchProfile.parse(args.batch), out_dir=out, no_build=args.no_build, calib_dir=args.calib,
+                  probes=args.probes)
     except (BuildError, BackendError, ValueError) as e:
         print(f"iws-engine build: {e}", file=sys.stderr)
         return EXIT_USAGE
     p = m["parity"]
+    features = (f"max |dfeature| {p['max_abs_dfeature']:.2e}, " if "max_abs_dfeature" in p else "")
     print(f"{out}: {m['backend']} {m['precision']} for {m['model_id']} — parity on {p['probes']} probes: "
-          f"max |dp| {p['max_abs_dp']:.2e} (limit {p['max_abs_dp_limit']:g}), "
+          f"{features}max |dp| {p['max_abs_dp']:.2e} (limit {p['max_abs_dp_limit']:g}), "
           f"decision agreement {p['decision_agreement']:.4f}; built {m['built_at']}")
+    if not m.get("trained", True):
+        print("warning: the model is randomly initialised: the artefact's speed is valid, its scores are not",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -360,8 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("build", help="build a backend artefact + manifest, parity-checked against fp32 eager")
-    p.add_argument("--model", default="sarcnn", choices=("sarcnn",))
-    p.add_argument("--weights", type=Path, metavar="FILE", help="default: the embedded model")
+    p.add_argument("--model", default="sarcnn", choices=PIPELINES,
+                   help="sarcnn (Pipeline B, default) or eva02xgb (Pipeline A: EVA02 + XGBoost)")
+    p.add_argument("--weights", type=Path, metavar="FILE",
+                   help="SAR_CNN weights (default: the embedded model) or, with --model eva02xgb, EVA02 weights "
+                        "(timm safetensors/.pth; default: random, untrained)")
+    p.add_argument("--xgboost", type=Path, metavar="FILE", help="with --model eva02xgb: Pipeline A's XGBoost model")
+    p.add_argument("--eva-config", default="large", choices=EVA_CONFIGS,
+                   help="with --model eva02xgb: large (the paper's) or tiny (tests) (default: %(default)s)")
+    p.add_argument("--probes", type=_positive_int, metavar="N",
+                   help="parity probe images (default: 48 for sarcnn, 16 for eva02xgb)")
     p.add_argument("--backend", default="onnxruntime",
                    choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16", "int8", "fp8"))

@@ -6,7 +6,8 @@
             print(row.path, row.score, row.decision, row.error)
 
 Each PNG is decoded and preprocessed with Pillow semantics (`preprocess_clip_reference`) in the
-CPU loader's thread pool, EVA02 runs in torch eager (fp32, or bf16 autocast), and the score is
+CPU loader's thread pool, EVA02 + softmax runs on any inference backend (eager, inductor, ONNX
+Runtime, TensorRT, or an artefact from `iws-engine build --model eva02xgb`), and the score is
 the XGBoost probability. Without EVA02 weights the network is randomly initialised: rows then
 carry a model_id containing "random-untrained", and their scores mean nothing.
 """
@@ -31,7 +32,9 @@ from iws_engine.preprocess_clip import EVA02_L448_SPEC, ClipPreprocessSpec
 PIPELINE_A_THRESHOLD = 0.48
 
 EVA_CONFIGS = ("large", "tiny")  # "tiny": the same architecture at test size, for tests and smoke runs only
-PRECISIONS = ("fp32", "bf16")
+#: precisions per backend when EVA02 is loaded from weights (an artefact from `build` brings its own)
+PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "inductor": ("fp32", "bf16", "fp16"), "onnxruntime": ("fp32",),
+              "tensorrt": ("fp32", "tf32", "fp16", "bf16"), "torch-tensorrt": ("fp32", "fp16", "bf16")}
 
 
 def eva02_config(name: str):
@@ -87,67 +90,101 @@ def clip_png_preprocess(spec: ClipPreprocessSpec, max_pixels: int = DEFAULT_MAX_
     return preprocess
 
 
-def _file_id(path: Path) -> str:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return f"{path.stem}@{digest[:12]}"
-
-
 class EvaXgbClassifier:
     """Pipeline A (EVA02 → softmax → XGBoost) with the same surface as `iws_engine.Classifier`.
 
     `xgboost_model`: the paper's XGBoost JSON (550 trees on 1,000 features). `weights`: EVA02
     weights (timm/safetensors state dict); None gives a random network (throughput only).
-    `eva_config`: "large" (the paper's model) or "tiny" (tests). `device`: cpu or cuda[:N].
+    `eva_config`: "large" (the paper's model) or "tiny" (tests). `backend`: any of
+    `iws_engine.backends` (torch eager, inductor, onnxruntime, tensorrt, torch-tensorrt) running
+    EVA02 + softmax at `precision` on `device` (cpu or cuda[:N]). `artifacts`: a folder made by
+    `iws-engine build --model eva02xgb` (its manifest names the weights, XGBoost model, backend
+    and precision). On a GPU the softmax features stay on the device: the backend writes them
+    into a device buffer and XGBoost predicts from it in place.
     """
 
-    def __init__(self, xgboost_model: str | Path, weights: str | Path | None = None, *, eva_config: str = "large",
-                 device: str = "cpu", precision: str = "fp32", batch_size: int | None = None, threshold: float | None = None,
-                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None,
-                 seed: int = 0):
+    def __init__(self, xgboost_model: str | Path | None = None, weights: str | Path | None = None, *,
+                 eva_config: str = "large", backend: str = "torch", device: str = "cpu", precision: str = "fp32",
+                 batch_size: int | None = None, threshold: float | None = None, workers: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None, seed: int = 0,
+                 artifacts: str | Path | None = None, loader: str | None = "cpu", target=None):
         import torch
 
-        from iws_engine.export.models.eva02 import load_eva02_weights, random_eva02
-        from iws_engine.xgboost_stage import XGBoostStage
+        from iws_engine import backends
+        from iws_engine.export.targets import Eva02XgbTarget
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not supported by eva02xgb; choose from {', '.join(PRECISIONS)}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if artifacts is not None:
+            from iws_engine.export.build import load_artifacts, read_manifest
+
+            manifest = read_manifest(Path(artifacts))
+            if manifest.get("model") != Eva02XgbTarget.model:
+                raise ValueError(f"{artifacts}: holds a {manifest.get('model')} artefact, not eva02xgb")
+            if weights is not None or xgboost_model is not None or target is not None:
+                raise ValueError("--artifacts names its own weights and XGBoost model: give neither with it")
+            self.backend, self.target, self.manifest = load_artifacts(Path(artifacts), device=device)
+        else:
+            if precision not in PRECISIONS.get(backend, ("fp32",)):
+                raise ValueError(f"precision {precision!r} is not supported by eva02xgb on {backend}; choose from "
+                                 f"{', '.join(PRECISIONS.get(backend, ('fp32',)))} (or build an artefact)")
+            if target is not None and (weights is not None or xgboost_model is not None):
+                raise ValueError("give either a target or weights/xgboost_model, not both")
+            self.target = target or Eva02XgbTarget(weights, xgboost_model, eva_config=eva_config, seed=seed,
+                                                   xgboost_device=device)
+            self.manifest = None
+            options = {"threads": threads} if threads is not None and backend in ("torch", "inductor",
+                                                                                  "onnxruntime") else {}
+            self.backend = backends.create(backend, precision=precision, device=device, **options)
+            self.backend.load(self.target.source, self.target.input_shape, self.target.output_shape)
+        self.xgboost = self.target.xgboost
+        self.spec = self.target.spec
         self.threshold = float(PIPELINE_A_THRESHOLD if threshold is None else threshold)
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
-        if threads is not None:
-            torch.set_num_threads(threads)
-        config = eva02_config(eva_config)
-        self.spec = clip_spec_for(config.img_size)
-        self.xgboost = XGBoostStage(xgboost_model, device=device, nthread=threads)  # checks the model file first
-        self.eva = load_eva02_weights(weights, config) if weights is not None else random_eva02(config, seed=seed)
         self.device = torch.device(device)
-        self.eva.model.to(self.device)
-        self.precision = precision
-        self.batch_size = batch_size = batch_size or 16  # EVA02-L activations: keep CPU batches small
-        self.trained = self.eva.trained
-        self.model_id = f"{self.eva.model_id}+xgb:{_file_id(Path(xgboost_model))}"
-        self.runtime = f"torch-eager {precision} on {device}"
-        self.loader = CpuLoader(None, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
-                                preprocess_one=clip_png_preprocess(self.spec, max_pixels),
-                                item_shape=(3, self.spec.size, self.spec.size))
+        self.precision = self.backend.precision
+        self.batch_size = batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
+        self.trained = self.target.trained
+        self.model_id = self.target.model_id
+        self.runtime = f"{self.backend.name} {self.precision} on {device} + XGBoost on {self.xgboost.device}"
+        # the features buffer: on the GPU when XGBoost predicts there (no host round trip), else host memory
+        shape = (batch_size, *self.target.output_shape)
+        self._features = (torch.empty(shape, dtype=torch.float32, device=self.device) if self.xgboost.on_gpu
+                          else np.empty(shape, np.float32))
+        if loader in (None, "cpu"):
+            self.loader = CpuLoader(None, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
+                                    preprocess_one=clip_png_preprocess(self.spec, max_pixels),
+                                    item_shape=self.target.input_shape)
+        else:  # the GPU loader with the CLIP spec (Pillow semantics on the device)
+            from iws_engine.loaders import create_loader
+
+            self.loader = create_loader(loader, self.spec, batch_size=batch_size, workers=workers,
+                                        max_pixels=max_pixels, device=self.device.index or 0,
+                                        host_output=self.device.type != "cuda")
         self.last_stats = RunStats()
+        self.xgboost_seconds = 0.0  # wall time spent in the XGBoost stage (the share the paper's protocol asks for)
 
-    def features(self, inputs: np.ndarray):
-        """EVA02's 1,000 softmax outputs for preprocessed (N, 3, S, S) inputs, float32, on the model's device."""
-        import torch
+    @property
+    def eva(self):
+        return self.target.eva
 
-        x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32)).to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.precision == "bf16"):
-            probs = self.eva.model.probabilities(x)
-        return probs.float()  # XGBoost reads float32; under autocast the softmax may come out in bf16
+    def features(self, inputs):
+        """EVA02's 1,000 softmax outputs for up to `batch_size` preprocessed (N, 3, S, S) inputs, float32
+        (a view of this classifier's buffer: a torch CUDA tensor on the GPU path, else NumPy)."""
+        out = self._features[:inputs.shape[0]]
+        self.backend.infer(inputs, out)
+        return out
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Pipeline A probabilities (N,) float32 for preprocessed (N, 3, S, S) inputs."""
         out = np.empty((inputs.shape[0],), np.float32)
         for i in range(0, inputs.shape[0], self.batch_size):
-            scores = self.xgboost.predict(self.features(inputs[i:i + self.batch_size]))
+            features = self.features(inputs[i:i + self.batch_size])
+            t0 = time.perf_counter()
+            scores = self.xgboost.predict(features)
             out[i:i + self.batch_size] = scores.get() if hasattr(scores, "get") else scores  # CuPy → host
+            self.xgboost_seconds += time.perf_counter() - t0
         return out
 
     def classify(self, inputs: Iterable[str | Path | bytes], stats: RunStats | None = None) -> Iterator[Row]:
@@ -159,7 +196,7 @@ class EvaXgbClassifier:
                                  model_id=self.model_id, stats=self.last_stats)
 
     def close(self) -> None:
-        pass  # nothing held beyond memory; here for the Classifier surface
+        self.backend.close()
 
     def __enter__(self) -> "EvaXgbClassifier":
         return self

@@ -25,7 +25,6 @@ MANIFEST_VERSION = 1
 PARITY_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-4, "fp16": 5e-3, "bf16": 5e-3, "int8": 2e-2, "fp8": 2e-2}
 #: minimum share of equal decisions at the model's threshold, per precision
 PARITY_AGREEMENT = {"int8": 0.995, "fp8": 0.995}
-PROBE_SEED = 20261121
 
 
 class BuildError(RuntimeError):
@@ -102,44 +101,48 @@ def mismatch(manifest: dict, env: dict) -> list[str]:
             for k in BINDING_FIELDS.get(manifest.get("backend"), ()) if built.get(k) != env.get(k)]
 
 
-def probe_inputs(spec, n: int = 48, seed: int = PROBE_SEED) -> np.ndarray:
-    """A fixed probe set: synthetic RGBA16 vignettes (half with waves) through the reference preprocessing."""
-    from iws_engine.export.synth import encode_png, render_vignette
-    from iws_engine.loaders.png import decode_png
-    from iws_engine.preprocess import preprocess_reference
+def parity(candidate, reference, inputs: np.ndarray, threshold: float, batch: int, scores=None) -> dict:
+    """max |Δp| and decision agreement of `candidate` against `reference` backends on `inputs`.
 
-    out = np.empty((n, spec.channels, *spec.size), np.float32)
-    for i in range(n):
-        png = encode_png(render_vignette(np.random.default_rng([seed, i]), i % 2 == 0, 528, 539), "rgba16")
-        preprocess_reference(decode_png(png), spec, out=out[i, 0])
-    return out
-
-
-def parity(candidate, reference, inputs: np.ndarray, threshold: float, batch: int) -> dict:
-    """max |Δp| and decision agreement of `candidate` against `reference` backends on `inputs`."""
+    `scores` turns backend outputs into probabilities (default: sigmoid of SAR_CNN's logits). For
+    backends with a feature vector per image (EVA02's softmax), max |Δfeature| is measured too.
+    """
     from iws_engine.backends.base import sigmoid
 
-    def probs(backend):
-        out = np.empty(len(inputs), np.float32)
+    scores = scores or sigmoid
+
+    def outputs(backend):
+        out = np.empty((len(inputs), *backend.output_shape), np.float32)
         for i in range(0, len(inputs), batch):
             backend.infer(inputs[i:i + batch], out[i:i + batch])
-        return sigmoid(out).astype(np.float64)
+        return out
 
-    p_ref, p_got = probs(reference), probs(candidate)
+    y_ref, y_got = outputs(reference), outputs(candidate)
+    p_ref = np.asarray(scores(y_ref), np.float64)
+    p_got = np.asarray(scores(y_got), np.float64)
     agree = float(np.mean((p_ref >= threshold) == (p_got >= threshold)))
-    return {"probes": int(len(inputs)), "max_abs_dp": float(np.max(np.abs(p_ref - p_got))), "decision_agreement": agree,
-            "threshold": threshold}
+    result = {"probes": int(len(inputs)), "max_abs_dp": float(np.max(np.abs(p_ref - p_got))),
+              "decision_agreement": agree, "threshold": threshold}
+    if y_ref.ndim > 1:
+        result["max_abs_dfeature"] = float(np.max(np.abs(y_ref.astype(np.float64) - y_got)))
+    return result
 
 
 def gate(result: dict, precision: str) -> dict:
-    """Apply the parity gate; returns the result with its limits and verdict, raises BuildError on failure."""
+    """Apply the parity gate; returns the result with its limits and verdict, raises BuildError on failure.
+
+    The same limit applies to the final probabilities and, where measured, to the features
+    (EVA02's softmax) the probabilities are computed from.
+    """
     tol = PARITY_TOLERANCE[precision]
     min_agree = PARITY_AGREEMENT.get(precision, 0.0)
     result = {**result, "max_abs_dp_limit": tol, "decision_agreement_min": min_agree}
-    result["passed"] = result["max_abs_dp"] <= tol and result["decision_agreement"] >= min_agree
+    dfeature = result.get("max_abs_dfeature", 0.0)
+    result["passed"] = result["max_abs_dp"] <= tol and dfeature <= tol and result["decision_agreement"] >= min_agree
     if not result["passed"]:
-        raise BuildError(f"parity gate failed for {precision}: max |dp| {result['max_abs_dp']:.3g} (limit {tol:g}), "
-                         f"decision agreement {result['decision_agreement']:.4f} (min {min_agree})")
+        features = f", max |dfeature| {dfeature:.3g} (limit {tol:g})" if "max_abs_dfeature" in result else ""
+        raise BuildError(f"parity gate failed for {precision}: max |dp| {result['max_abs_dp']:.3g} (limit {tol:g})"
+                         f"{features}, decision agreement {result['decision_agreement']:.4f} (min {min_agree})")
     return result
 
 
@@ -167,18 +170,16 @@ def calibration_key(model_sha256: str, spec, files: list[str]) -> str:
     return h.hexdigest()
 
 
-def calibration_inputs(files: list[str], spec, batch_size: int):
-    """Calibration PNGs decoded and preprocessed with the model's spec, as (N, C, H, W) float32 arrays."""
-    from iws_engine.loaders.cpu import CpuLoader
-
-    for batch in CpuLoader(spec, batch_size=batch_size).batches(files):
+def calibration_inputs(files: list[str], target, batch_size: int):
+    """Calibration PNGs decoded and preprocessed as the model's pipeline does, as (N, C, H, W) float32 arrays."""
+    for batch in target.loader(batch_size).batches(files):
         if batch.errors:
             raise BuildError("calibration images failed to load: " + "; ".join(batch.errors.values()))
         yield batch.inputs
 
 
-def _build_tensorrt(loaded, shape: tuple[int, ...], precision: str, device: str, profile: BatchProfile,
-                    out_dir: Path, calib_files: list[str] | None, calib_key: str | None) -> tuple[Path, dict]:
+def _build_tensorrt(target, precision: str, device: str, profile: BatchProfile, out_dir: Path,
+                    calib_files: list[str] | None, calib_key: str | None) -> tuple[Path, dict]:
     """model.onnx → model.engine (+ timing.cache, and calibration.cache for int8); returns (engine, build info)."""
     from iws_engine.backends import tensorrt as trt_backend
     from iws_engine.export.onnx import export_onnx
@@ -186,24 +187,21 @@ def _build_tensorrt(loaded, shape: tuple[int, ...], precision: str, device: str,
     trt_backend.import_tensorrt()  # the precise "not installed" reason before any work
     if not device.startswith("cuda"):
         raise BuildError("tensorrt builds need a CUDA device: pass --device cuda")
-    onnx_path = out_dir / "model.onnx"
-    export_onnx(loaded, onnx_path, input_shape=shape)
+    onnx_path = export_onnx(target.source, out_dir / "model.onnx", input_shape=target.input_shape)
     calibrator = None
     if calib_files:
         batch_size = min(profile.opt, len(calib_files))
-        stream = trt_backend.CalibrationStream(calibration_inputs(calib_files, loaded.meta.preprocess, batch_size),
-                                               batch_size)
+        stream = trt_backend.CalibrationStream(calibration_inputs(calib_files, target, batch_size), batch_size)
         cache = trt_backend.CalibrationCache(out_dir / CALIBRATION_CACHE, calib_key)
         calibrator = trt_backend.make_entropy_calibrator(stream, cache, device)
     engine = out_dir / "model.engine"
-    spec = trt_backend.ProfileSpec.from_batch(profile.min, profile.opt, profile.max, shape)
+    spec = trt_backend.ProfileSpec.from_batch(profile.min, profile.opt, profile.max, target.input_shape)
     info = trt_backend.build_engine(onnx_path, engine, precision, spec, out_dir / "timing.cache",
                                     calibrator=calibrator, device=device)
     return engine, info
 
 
-def _build_torch_tensorrt(loaded, shape: tuple[int, ...], precision: str, device: str, profile: BatchProfile,
-                          out_dir: Path) -> Path:
+def _build_torch_tensorrt(target, precision: str, device: str, profile: BatchProfile, out_dir: Path) -> Path:
     """The Torch-TensorRT dynamo program saved as model.ep."""
     import torch
 
@@ -213,32 +211,37 @@ def _build_torch_tensorrt(loaded, shape: tuple[int, ...], precision: str, device
     ttrt_backend.import_torch_tensorrt()
     if not device.startswith("cuda"):
         raise BuildError("torch-tensorrt builds need a CUDA device: pass --device cuda")
-    compiled = ttrt_backend.compile_program(build_model(loaded), shape, precision,
+    compiled = ttrt_backend.compile_program(build_model(target.source), target.input_shape, precision,
                                             (profile.min, profile.opt, profile.max), device)
     path = out_dir / "model.ep"
-    ttrt_backend.save_program(compiled, path, torch.zeros((profile.opt, *shape), device=device))
+    ttrt_backend.save_program(compiled, path, torch.zeros((profile.opt, *target.input_shape), device=device))
     return path
 
 
-def build(*, weights_path: Path | None, backend: str, precision: str, device: str = "cpu",
+def build(*, weights_path: Path | None = None, backend: str, precision: str, device: str = "cpu",
           profile: BatchProfile = BatchProfile(1, 64, 256), out_dir: Path, no_build: bool = False,
-          probes: int = 48, calib_dir: Path | None = None) -> dict:
+          probes: int | None = None, calib_dir: Path | None = None, target=None) -> dict:
     """Build (or reuse) the artefact for (model, backend, precision, profile) in `out_dir`; returns the manifest.
 
-    `calib_dir`: PNGs for TensorRT INT8 calibration, preprocessed with the model's spec.
+    `target`: the model (`export.targets.SarcnnTarget` or `Eva02XgbTarget`); default: SAR_CNN
+    from `weights_path` (default: the embedded model). `calib_dir`: PNGs for TensorRT INT8
+    calibration, preprocessed as the model's pipeline does. `probes`: parity probe images
+    (default: the target's).
     """
     from iws_engine import backends
-    from iws_engine.export import weights as weights_io
     from iws_engine.export.onnx import export_onnx
+    from iws_engine.export.targets import SarcnnTarget
 
-    weights_path = Path(weights_path) if weights_path else weights_io.default_weights_path()
-    loaded = weights_io.load(weights_path)
+    if target is None:
+        target = SarcnnTarget(weights_path)
+    elif weights_path is not None:
+        raise BuildError("give the weights through the target, not also as weights_path")
     if precision not in PARITY_TOLERANCE:
         raise BuildError(f"unknown precision {precision!r}; choose from {', '.join(PARITY_TOLERANCE)}")
     if calib_dir is not None and (backend, precision) != ("tensorrt", "int8"):
         raise BuildError("--calib is only used by --backend tensorrt --precision int8")
     calib_files = calibration_files(Path(calib_dir)) if calib_dir is not None else None
-    calib_key = calibration_key(loaded.sha256, loaded.meta.preprocess, calib_files) if calib_files else None
+    calib_key = calibration_key(target.sha256, target.spec, calib_files) if calib_files else None
     if device.startswith("cuda"):
         import torch
 
@@ -249,7 +252,7 @@ def build(*, weights_path: Path | None, backend: str, precision: str, device: st
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        same = (old.get("model_sha256") == loaded.sha256 and old.get("backend") == backend
+        same = (old.get("model") == target.model and target.same_model(old) and old.get("backend") == backend
                 and old.get("precision") == precision and old.get("batch_profile") == str(profile)
                 and (calib_key is None or (old.get("calibration") or {}).get("key") == calib_key))
         why = mismatch(old, env)
@@ -260,46 +263,38 @@ def build(*, weights_path: Path | None, backend: str, precision: str, device: st
     elif no_build:
         raise BuildError(f"{out_dir}: no artefact built yet and --no-build was given")
 
-    spec = loaded.meta.preprocess
-    shape = (spec.channels, *spec.size)
     out_dir.mkdir(parents=True, exist_ok=True)
     artefact, artefact_build = None, None
     if backend == "onnxruntime":
-        artefact = out_dir / "model.onnx"
-        export_onnx(loaded, artefact, input_shape=shape)
-        source = artefact
+        artefact = source = export_onnx(target.source, out_dir / "model.onnx", input_shape=target.input_shape)
     elif backend == "tensorrt":
-        artefact, artefact_build = _build_tensorrt(loaded, shape, precision, device, profile, out_dir, calib_files,
-                                                   calib_key)
+        artefact, artefact_build = _build_tensorrt(target, precision, device, profile, out_dir, calib_files, calib_key)
         source = artefact
     elif backend == "torch-tensorrt":
-        artefact = source = _build_torch_tensorrt(loaded, shape, precision, device, profile, out_dir)
+        artefact = source = _build_torch_tensorrt(target, precision, device, profile, out_dir)
     else:
-        source = loaded  # eager and inductor (compiled at load) build from the weights
-    candidate = backends.create(backend, precision=precision, device=device).load(source, shape)
-    reference = backends.create("torch", precision="fp32", device="cpu").load(loaded, shape)
-    inputs = probe_inputs(spec, probes)
-    result = parity(candidate, reference, inputs, loaded.meta.threshold, batch=min(profile.opt, probes))
+        source = target.source  # eager and inductor (compiled at load) build from the weights
+    shapes = (target.input_shape, target.output_shape)
+    candidate = backends.create(backend, precision=precision, device=device).load(source, *shapes)
+    reference = backends.create("torch", precision="fp32", device=target.reference_device(device)).load(
+        target.source, *shapes)
+    probes = probes or target.default_probes
+    inputs = target.probe_inputs(probes)
+    result = parity(candidate, reference, inputs, target.threshold, batch=min(profile.opt, probes),
+                    scores=target.scores)
     info = candidate.info()
     candidate.close()
     reference.close()
     manifest = {
         "manifest_version": MANIFEST_VERSION,
-        "model": loaded.meta.model,
-        "model_id": loaded.model_id,
-        "model_sha256": loaded.sha256,
-        "weights": str(weights_path.resolve()),
-        "trained": loaded.meta.trained,
-        "threshold": loaded.meta.threshold,
-        "preprocess": json.loads(spec.to_json()),
-        "input": {"name": "input", "shape": ["batch", *shape], "dtype": "float32", "layout": spec.layout},
-        "output": {"name": "logit", "shape": ["batch", 1], "dtype": "float32", "activation": "sigmoid for the score"},
+        **target.manifest_fields(),
         "backend": backend,
         "precision": precision,
         "device": device,
         "batch_profile": str(profile),
         "artefact": artefact.name if artefact else None,
         "artefact_sha256": _sha256(artefact) if artefact else None,
+        "artefact_data": _external_data(artefact),
         "artefact_build": artefact_build,
         "calibration": ({"key": calib_key, "images": len(calib_files), "cache": CALIBRATION_CACHE}
                         if calib_files else None),
@@ -318,29 +313,47 @@ def build(*, weights_path: Path | None, backend: str, precision: str, device: st
     return manifest
 
 
-def load_artifacts(out_dir: Path, device: str = "cpu"):
-    """(backend, LoadedWeights, manifest) for a built artefact folder; refuses one that does not fit here."""
-    from iws_engine import backends
-    from iws_engine.export import weights as weights_io
+def _external_data(artefact: Path | None) -> dict[str, str] | None:
+    """sha256 of an ONNX artefact's external weight file (EVA02: model.onnx.data), keyed by name."""
+    if artefact is None:
+        return None
+    data = artefact.with_name(artefact.name + ".data")
+    return {data.name: _sha256(data)} if data.is_file() else None
 
-    out_dir = Path(out_dir)
+
+def read_manifest(out_dir: Path) -> dict:
+    """An artefact folder's manifest; a BuildError naming the folder when there is none."""
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        return json.loads((Path(out_dir) / MANIFEST).read_text())
     except OSError as e:
         raise BuildError(f"{out_dir}: no {MANIFEST} ({e.strerror}); run iws-engine build first") from None
+
+
+def load_artifacts(out_dir: Path, device: str = "cpu"):
+    """(backend, target, manifest) for a built artefact folder; refuses one that does not fit here.
+
+    `target` is the model the manifest names (`SarcnnTarget` or `Eva02XgbTarget`), its files
+    checked against the manifest's sha256s; the backend is loaded and ready to infer.
+    """
+    from iws_engine import backends
+    from iws_engine.export.targets import target_from_manifest
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
     why = mismatch(manifest, environment(device))
     if why:
         raise BuildError(f"{out_dir}: built for another environment: " + "; ".join(why) + " — rebuild it")
     if not manifest.get("parity", {}).get("passed"):
         raise BuildError(f"{out_dir}: artefact did not pass its parity gate")
-    loaded = weights_io.load(manifest["weights"])
-    if loaded.sha256 != manifest["model_sha256"]:
-        raise BuildError(f"{out_dir}: weights {manifest['weights']} changed since the build (sha256 differs)")
-    source = loaded
+    target = target_from_manifest(manifest, device=device)
+    source = None
     if manifest.get("artefact"):
         source = out_dir / manifest["artefact"]
         if _sha256(source) != manifest["artefact_sha256"]:
             raise BuildError(f"{source}: artefact changed since the build (sha256 differs)")
-    spec = loaded.meta.preprocess
+        for name, digest in (manifest.get("artefact_data") or {}).items():
+            if _sha256(out_dir / name) != digest:
+                raise BuildError(f"{out_dir / name}: artefact data changed since the build (sha256 differs)")
     backend = backends.create(manifest["backend"], precision=manifest["precision"], device=device)
-    return backend.load(source, (spec.channels, *spec.size)), loaded, manifest
+    backend.load(source if source is not None else target.source, target.input_shape, target.output_shape)
+    return backend, target, manifest

@@ -53,6 +53,23 @@ def random_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_eva02_weights(tmp_path_factory) -> Path:
+    """The tiny EVA02 (56 px, 2 blocks) as a timm-style safetensors file, with a head wide enough that
+    the softmax features, and so Pipeline A's scores, differ from image to image."""
+    import torch
+    from safetensors.torch import save_file
+
+    from iws_engine.export.models.eva02 import Eva02Config, random_eva02
+
+    model = random_eva02(Eva02Config.tiny(), seed=5).model
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=torch.Generator().manual_seed(6)) * 2.0)
+    path = tmp_path_factory.mktemp("eva") / "eva02_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def mixed_inputs(tmp_path_factory) -> Path:
     """Good PNGs of several formats, nested, plus files that must fail with a clear reason."""
     from iws_engine.export.synth import generate

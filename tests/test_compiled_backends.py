@@ -25,6 +25,7 @@ from iws_engine.backends.tensorrt import (
 )
 from iws_engine.export import build
 from iws_engine.export import weights as weights_io
+from iws_engine.export.targets import SarcnnTarget
 
 SMALL_INPUT = (1, 64, 64)  # SAR_CNN pools globally, so a small input keeps CPU runs short
 
@@ -260,8 +261,9 @@ def test_build_calibration_inputs(random_weights, tmp_path):
     calib = tmp_path / "calib"
     generate(calib, 5, fmt="rgba16", size=(96, 80), seed=3)
     files = build.calibration_files(calib)
-    spec = weights_io.load(random_weights).meta.preprocess
-    batches = list(CalibrationStream(build.calibration_inputs(files, spec, 2), batch_size=2))
+    target = SarcnnTarget(random_weights)
+    spec = target.spec
+    batches = list(CalibrationStream(build.calibration_inputs(files, target, 2), batch_size=2))
     assert len(files) == 5 and len(batches) == 3
     assert all(b.shape == (2, spec.channels, *spec.size) for b in batches)
     key = build.calibration_key("sha", spec, files)
@@ -300,7 +302,7 @@ def test_tensorrt_build_and_graph_replay_match_eager(random_weights, tmp_path, p
                     profile=build.BatchProfile(1, 16, 64), out_dir=tmp_path / "trt", probes=16)
     assert m["parity"]["passed"] and (tmp_path / "trt" / "model.engine").is_file()
     assert (tmp_path / "trt" / "timing.cache").is_file() and m["environment"]["tensorrt"]
-    backend, loaded, _ = build.load_artifacts(tmp_path / "trt", device="cuda")
+    backend, target, _ = build.load_artifacts(tmp_path / "trt", device="cuda")
     x = np.random.default_rng(4).standard_normal((24, 1, 256, 256)).astype(np.float32)
     with backend:
         got = np.empty(len(x), np.float32)

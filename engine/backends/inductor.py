@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError, cpu_cores
-from iws_engine.backends.torch_support import plan_graph_batch, to_device_tensor
+from iws_engine.backends.torch_support import plan_graph_batch, to_device_tensor, write_output
 
 #: torch.compile modes; the two marked below capture their own CUDA graphs (cudagraph trees).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -104,13 +104,13 @@ class InductorBackend(Backend):
         # compiled calls and graph replays run on one side stream, ordered after the caller's stream
         self._stream = torch.cuda.Stream(self._device) if on_cuda else None
 
-    def _infer_impl(self, batch, out: np.ndarray) -> None:
+    def _infer_impl(self, batch, out) -> None:
         torch = self._torch
         n = int(batch.shape[0])
         if self._stream is None:
             with torch.inference_mode(), self._compile_limits():
                 y = self._compiled(self._device_input(batch))
-            out[:] = y.reshape(-1).float().numpy()
+            write_output(y, out)
             return
         caller = torch.cuda.current_stream(self._device)
         with torch.cuda.stream(self._stream), torch.inference_mode():
@@ -122,12 +122,13 @@ class InductorBackend(Backend):
                 with self._compile_limits():
                     y = self._compiled(x)
             else:
-                # rows n..size of a padded batch hold stale inputs: eval-mode SarCNN treats rows
-                # independently, and their outputs are never read
+                # rows n..size of a padded batch hold stale inputs: the models treat rows
+                # independently (eval mode, no batch statistics), and their outputs are never read
                 graph.static_input[:n].copy_(x)
                 graph.graph.replay()
                 y = graph.static_output[:n]
-            out[:] = y.reshape(-1).float().cpu().numpy()  # the device-to-host copy waits for the stream
+            write_output(y, out)  # to the host: waits for the stream; to a device tensor: ordered on it
+        caller.wait_stream(self._stream)  # a device `out` is read on the caller's stream next
 
     def _close_impl(self) -> None:
         self._graphs = {}

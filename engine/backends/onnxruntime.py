@@ -23,7 +23,7 @@ class OnnxRuntimeBackend(Backend):
     def _load_impl(self, model) -> None:
         import onnxruntime as ort
 
-        from iws_engine.export.onnx import onnx_bytes_for
+        from iws_engine.export.onnx import onnx_session_source
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or cpu_cores()
@@ -37,15 +37,21 @@ class OnnxRuntimeBackend(Backend):
             providers = [*wanted, "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self._session = ort.InferenceSession(onnx_bytes_for(model), sess_options=opts, providers=providers)
+        with onnx_session_source(model, self.input_shape) as source:  # a path (external data) or bytes
+            self._session = ort.InferenceSession(source, sess_options=opts, providers=providers)
         self._input = self._session.get_inputs()[0].name
         self._output = self._session.get_outputs()[0].name
         self.providers = self._session.get_providers()
 
-    def _infer_impl(self, batch, out: np.ndarray) -> None:
-        x = np.ascontiguousarray(batch, dtype=np.float32)
+    def _infer_impl(self, batch, out) -> None:
+        x = np.ascontiguousarray(_to_host(batch), dtype=np.float32)
         (y,) = self._session.run([self._output], {self._input: x})
-        out[:] = y.reshape(-1)
+        if isinstance(out, np.ndarray):
+            out[...] = y.reshape(out.shape)
+        else:  # a torch tensor, possibly on a GPU
+            import torch
+
+            out.copy_(torch.from_numpy(y.reshape(tuple(out.shape))))
 
     def _close_impl(self) -> None:
         self._session = None
@@ -54,3 +60,14 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         return {"onnxruntime": ort.__version__}
+
+
+def _to_host(batch):
+    """A host array from NumPy, a torch tensor or a CuPy/`__cuda_array_interface__` array."""
+    if isinstance(batch, np.ndarray):
+        return batch
+    if hasattr(batch, "detach"):  # torch
+        return batch.detach().cpu().numpy()
+    if hasattr(batch, "get"):  # CuPy
+        return batch.get()
+    return np.asarray(batch)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError
-from iws_engine.backends.torch_support import plan_graph_batch, to_device_tensor
+from iws_engine.backends.torch_support import plan_graph_batch, to_device_tensor, write_output
 
 #: BuilderFlag names per precision. INT8 keeps FP16 as the fallback for layers without INT8
 #: kernels (else they run in fp32). FP8 only works on an explicitly quantized (Q/DQ) ONNX.
@@ -475,6 +475,9 @@ class TensorRTBackend(Backend):
         self._input_dtype = self._torch_dtype(self._engine.get_tensor_dtype(self._input_name))
         self._output_dtype = self._torch_dtype(self._engine.get_tensor_dtype(self._output_name))
         self._output_tail = tuple(self._engine.get_tensor_shape(self._output_name))[1:]  # (-1, 1) → (1,)
+        if int(np.prod(self._output_tail)) != int(np.prod(self.output_shape)):
+            raise BackendError(f"tensorrt backend: engine output {self._output_tail} per image "
+                               f"!= expected {self.output_shape or (1,)}")
         min_shape, _, max_shape = self._engine.get_tensor_profile_shape(self._input_name, 0)
         if tuple(max_shape)[1:] != self.input_shape:
             raise BackendError(f"tensorrt backend: engine input {tuple(max_shape)[1:]} "
@@ -492,7 +495,7 @@ class TensorRTBackend(Backend):
         self._dynamic_input = self._dynamic_output = None
         self._graphs = {}
 
-    def _infer_impl(self, batch, out: np.ndarray) -> None:
+    def _infer_impl(self, batch, out) -> None:
         for start in range(0, len(out), self._max_batch):
             stop = min(len(out), start + self._max_batch)
             self._infer_chunk(batch[start:stop], out[start:stop])
@@ -574,7 +577,7 @@ class TensorRTBackend(Backend):
     def _device_input(self, batch):
         return to_device_tensor(self._torch, batch, self._device)
 
-    def _infer_chunk(self, batch, out: np.ndarray) -> None:
+    def _infer_chunk(self, batch, out) -> None:
         torch = self._torch
         n = len(out)
         caller = torch.cuda.current_stream(self._device)
@@ -589,7 +592,8 @@ class TensorRTBackend(Backend):
                 y = graph.static_output[:n]
             else:
                 y = self._run_dynamic(x, n)
-            out[:] = y.reshape(-1).float().cpu().numpy()  # the device-to-host copy waits for the stream
+            write_output(y, out)  # to the host: waits for the stream; to a device tensor: ordered on it
+        caller.wait_stream(self._stream)  # a device `out` is read on the caller's stream next
 
     def _graph_batch(self, n: int) -> int | None:
         """The batch size of the graph to replay (or capture) for `n` rows; None: run without a graph."""

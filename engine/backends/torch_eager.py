@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError, cpu_cores
+from iws_engine.backends.torch_support import strict_fp32, to_device_tensor, write_output
 
 _AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
 
@@ -34,19 +35,20 @@ class TorchBackend(Backend):
             net = net.to(memory_format=torch.channels_last)
         self._net = net
 
-    def _infer_impl(self, batch, out: np.ndarray) -> None:
+    def _infer_impl(self, batch, out) -> None:
         torch = self._torch
-        x = torch.as_tensor(batch, device=self.device)
+        x = to_device_tensor(torch, batch, self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if self.precision == "fp32":
-                y = self._net(x)
+                with strict_fp32(torch):
+                    y = self._net(x)
             else:
                 dtype = getattr(torch, _AUTOCAST[self.precision])
                 with torch.autocast(device_type=x.device.type, dtype=dtype):
                     y = self._net(x)
-        out[:] = y.float().reshape(-1).cpu().numpy()
+        write_output(y, out)
 
     def versions(self) -> dict[str, str]:
         import torch

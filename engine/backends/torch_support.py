@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from contextlib import contextmanager
+from typing import Any, Collection, Iterator
 
 import numpy as np
 
@@ -33,3 +34,25 @@ def to_device_tensor(torch: Any, batch: Any, device: Any):
     else:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     return x.to(device, non_blocking=True)
+
+
+def write_output(y: Any, out: Any) -> None:
+    """Copy a torch result `y` (N, 1) or (N, K) into `out`: a NumPy array (through the host) or a torch
+    tensor (a device-to-device copy when both are on the GPU). Either way the copy is ordered on the
+    current stream; a NumPy destination waits for it."""
+    if isinstance(out, np.ndarray):
+        out[...] = y.reshape(out.shape).float().cpu().numpy()
+    else:
+        out.copy_(y.reshape(out.shape))
+
+
+@contextmanager
+def strict_fp32(torch: Any) -> Iterator[None]:
+    """fp32 that means fp32 on CUDA: no TF32 in matmuls or cuDNN convolutions (PyTorch lets cuDNN use
+    TF32 by default), restored afterwards. The eager fp32 baseline and parity references run in it."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError
-from iws_engine.backends.torch_support import to_device_tensor
+from iws_engine.backends.torch_support import to_device_tensor, write_output
 
 PROGRAM_SUFFIX = ".ep"
 DEFAULT_BATCH_PROFILE = (1, 64, 4096)
@@ -115,14 +115,14 @@ class TorchTensorRTBackend(Backend):
                                            self.device, self.workspace_gib)
             self._max_batch = self.batch_profile[2]
 
-    def _infer_impl(self, batch, out: np.ndarray) -> None:
+    def _infer_impl(self, batch, out) -> None:
         step = self._max_batch or len(out)
         for start in range(0, len(out), step):
             stop = min(len(out), start + step)
             x = self._device_input(batch[start:stop])
             with self._torch.inference_mode():
                 y = self._module(x)
-            out[start:stop] = y.reshape(-1).float().cpu().numpy()
+            write_output(y, out[start:stop])
 
     def _close_impl(self) -> None:
         self._module = None

@@ -257,6 +257,25 @@ class Eva02(nn.Module):
         return self.forward(x).softmax(dim=-1)
 
 
+class Eva02Softmax(nn.Module):
+    """Pipeline A's feature extractor: EVA02 → softmax over the 1,000 classes, in float32.
+
+    The softmax runs in float32 whatever the network's precision (fp16/bf16 logits are upcast
+    first), so reduced-precision backends differ from fp32 only through the network itself.
+    """
+
+    def __init__(self, model: Eva02):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Eva02Config:
+        return self.model.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float().softmax(dim=-1)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
