@@ -213,3 +213,77 @@ def test_cli_build_eva02xgb_then_classify_with_artifacts(tiny_eva02_weights, xgb
     assert wrong.returncode == 2 and "built for --model eva02xgb, not sarcnn" in wrong.stderr
     missing = run_cli("build", "--model", "eva02xgb", "--eva-config", "tiny", "-o", tmp_path / "x")
     assert missing.returncode == 2 and "--xgboost FILE" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- on the GPU (bench/gpu_check.sh)
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+needs_cuda = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device: torch.cuda.is_available() is False")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_inductor_eva02_features_with_cuda_graphs(tiny_eva, x, precision):
+    """Inductor with per-batch-size CUDA graphs writes EVA02 features straight into a device tensor."""
+    import torch
+
+    from iws_engine import backends
+
+    with backends.create("torch", precision=precision, device="cuda").load(tiny_eva, TINY_INPUT, FEATURES) as eager:
+        want = eager.infer(x)
+    with backends.create("inductor", precision=precision, device="cuda").load(tiny_eva, TINY_INPUT,
+                                                                              FEATURES) as compiled:
+        on_device = torch.empty((5, 1000), device="cuda")
+        compiled.infer(x[:4], on_device[:4])  # captures the 4-graph
+        compiled.infer(x[4:], on_device[4:])  # 1 row: its own graph (padding 4x is too wasteful)
+        info = compiled.info()
+    assert info["graph_batch_sizes"] == [1, 4] and not info["graph_failures"]
+    got = on_device.cpu().numpy()
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-4)
+    # converted weights (inductor) vs autocast (eager) at the same precision; the wide head amplifies rounding
+    assert np.max(np.abs(got - want)) <= 0.1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_pipeline_a_keeps_features_on_the_device(tiny_eva02_weights, xgboost_model, tmp_path):
+    """On CUDA with a GPU XGBoost, features go from the backend to XGBoost in device memory; the scores
+    equal the CPU pipeline's."""
+    import torch
+
+    from iws_engine.export.synth import generate
+    from iws_engine.pipeline_a import EvaXgbClassifier
+    from iws_engine.xgboost_stage import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"GPU XGBoost predictor unavailable: {reason}")
+    pngs = tmp_path / "pngs"
+    generate(pngs, 6, fmt="rgba16", size=(80, 70), seed=3)
+    with EvaXgbClassifier(xgboost_model, tiny_eva02_weights, eva_config="tiny", device="cuda",
+                          backend="torch") as gpu, \
+            EvaXgbClassifier(xgboost_model, tiny_eva02_weights, eva_config="tiny", device="cpu") as cpu:
+        assert isinstance(gpu._features, torch.Tensor) and gpu._features.is_cuda and gpu.xgboost.on_gpu
+        gpu_rows, cpu_rows = list(gpu.classify([pngs])), list(cpu.classify([pngs]))
+    assert all(r.ok for r in gpu_rows)
+    # eager fp32 on CUDA (TF32 off) against the CPU: the wide head turns ~1e-6 logit noise into ~1e-5
+    np.testing.assert_allclose([r.score for r in gpu_rows], [r.score for r in cpu_rows], rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_build_eva02xgb_inductor_bf16(xgboost_model, tmp_path):
+    """`build --model eva02xgb --backend inductor --precision bf16 --device cuda` on the tiny random EVA02."""
+    from iws_engine.export import build
+    from iws_engine.export.targets import Eva02XgbTarget
+
+    target = Eva02XgbTarget(None, xgboost_model, eva_config="tiny", xgboost_device="cuda")
+    m = build.build(target=target, backend="inductor", precision="bf16", device="cuda", out_dir=tmp_path / "a",
+                    probes=8, profile=build.BatchProfile(1, 8, 8))
+    assert m["parity"]["passed"] and m["environment"]["gpu"] and m["environment"]["compute_capability"]
+    assert m["trained"] is False and "random-untrained" in m["model_id"]
