@@ -7,7 +7,13 @@
 # 2. installs missing wheels from ./wheels when that folder exists (the machine has no network);
 # 3. installs this package (pip install --no-deps -e .) into a venv that sees the machine's packages;
 # 4. checks every import the project uses and reports each missing one (required or optional);
-# 5. runs the GPU tests (pytest -m gpu, JUnit XML) and the GPU benchmarks (model-only sweep).
+# 5. runs the GPU tests (pytest -m gpu, JUnit XML) and the GPU benchmarks: SAR_CNN model-only sweep
+#    (bench-b), Pipeline A model-only and end to end from PNG bytes (bench-a, bench-a-e2e), and
+#    the Pipeline A builds with their parity gates (build-a).
+#
+# STEPS picks the steps (default: "tests bench-b build-a bench-a bench-a-e2e"); the device tool
+# allows 10 minutes per call, so run them in separate calls, e.g.
+#     STEPS=tests bash bench/gpu_check.sh;  STEPS="bench-b" BENCH_N=4096 bash bench/gpu_check.sh
 #
 # Everything goes to $OUT/gpu-<gpu>-<date>-<commit>/ (bench/results/... when $OUT is unset);
 # SUMMARY.txt says what ran, what passed and what is missing. Nothing is skipped silently: a
@@ -18,8 +24,19 @@
 # BENCH_N (4096 images per pass), BENCH_RUNS (5), BENCH_WARMUP (2), STEP_TIMEOUT (seconds per
 # step, 3600), IWS_INDUCTOR_MODE (torch.compile mode of the inductor backend; recorded in the
 # results' backend info), WEIGHTS (SAR_CNN weights to benchmark; default: the embedded model, or
-# random weights when this checkout has none).
+# random weights when this checkout has none), XGBOOST (Pipeline A's XGBoost model; default:
+# ../shared/reference/iws-gmd-2026/models/pipeline_a_xgboost.json, else wheels/pipeline_a_xgboost.json),
+# EVA_WEIGHTS (EVA02-L weights; default: random, which measures the same speed), A_BATCH_SIZES
+# (Pipeline A model-only batch sizes, 1,16,64,128), A_E2E_BATCH_SIZES (end to end, 64,128), A_N
+# (Pipeline A images per pass, 512), A_INDUCTOR_MODE (torch.compile mode for EVA02, "default":
+# max-autotune spends many minutes per batch size on a 305 M-parameter model).
 set -uo pipefail
+
+STEPS=${STEPS:-tests bench-b build-a bench-a bench-a-e2e}
+A_BATCH_SIZES=${A_BATCH_SIZES:-1,16,64,128}
+A_N=${A_N:-512}
+A_INDUCTOR_MODE=${A_INDUCTOR_MODE:-default}
+wants() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 PYTHON=${PYTHON:-python3}
 BENCH_BATCH_SIZES=${BENCH_BATCH_SIZES:-1,8,64,512,1024,4096}
@@ -174,6 +191,7 @@ else
 fi
 
 # ----------------------------------------------------------------------------- GPU tests
+if wants tests; then
 say ""
 say "== pytest -m gpu"
 run pytest-gpu "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --junitxml="$RESULTS/pytest-gpu.xml"
@@ -181,10 +199,9 @@ rc=$?
 say "  $(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|error)|no tests ran' "$RESULTS/pytest-gpu.log" | tail -n 1)"
 grep -E '^(SKIPPED|FAILED|ERROR)' "$RESULTS/pytest-gpu.log" | while IFS= read -r line; do say "  $line"; done
 [ "$rc" -eq 0 ] || fail "pytest -m gpu exited $rc (pytest-gpu.log, pytest-gpu.xml)"
+fi
 
 # ----------------------------------------------------------------------------- GPU benchmarks
-say ""
-say "== bench (model only)"
 if "$PY" -m iws_engine.cli bench --help > /dev/null 2>&1; then
     BENCH=("$PY" -m iws_engine.cli bench)
 elif "$PY" -c "import iws_engine.bench.bench_cmd" > /dev/null 2>&1; then
@@ -217,7 +234,9 @@ PYEOF
         fail "no default weights and random ones could not be made (weights.log)"
     fi
 fi
-if [ ${#BENCH[@]} -gt 0 ]; then
+if [ ${#BENCH[@]} -gt 0 ] && wants bench-b; then
+    say ""
+    say "== bench-b: SAR_CNN, model only"
     # tensorrt/torch-tensorrt are always asked for: where they are missing the results say so
     # ("not measured: ... is not installed") instead of the configuration silently vanishing
     if run bench "${BENCH[@]}" --mode model \
@@ -232,6 +251,66 @@ if [ ${#BENCH[@]} -gt 0 ]; then
         fail "bench (bench.log)"
     fi
     grep -E '^not measured:' "$RESULTS/bench.log" | while IFS= read -r line; do say "  $line"; done
+fi
+
+# ----------------------------------------------------------------------------- Pipeline A
+XGBOOST=${XGBOOST:-}
+if [ -z "$XGBOOST" ]; then
+    for candidate in ../shared/reference/iws-gmd-2026/models/pipeline_a_xgboost.json wheels/pipeline_a_xgboost.json; do
+        [ -f "$candidate" ] && XGBOOST=$candidate && break
+    done
+fi
+A_MODEL=(--model eva02xgb --xgboost "$XGBOOST")
+A_ENV=(env "IWS_INDUCTOR_MODE=$A_INDUCTOR_MODE")
+[ -n "${EVA_WEIGHTS:-}" ] && A_MODEL+=(--weights "$EVA_WEIGHTS")
+if wants build-a || wants bench-a || wants bench-a-e2e; then
+    say ""
+    if [ -z "$XGBOOST" ]; then
+        fail "Pipeline A: no XGBoost model (set XGBOOST, or put pipeline_a_xgboost.json in wheels/)"
+    else
+        say "== Pipeline A (EVA02-L/14-448 + XGBoost: $XGBOOST${EVA_WEIGHTS:+, EVA02 weights $EVA_WEIGHTS})"
+    fi
+fi
+if [ -n "$XGBOOST" ] && wants build-a; then
+    # each build checks its artefact against fp32 eager on the GPU (parity gate on softmax features and
+    # probabilities); a failed gate or a missing library fails only its own line
+    for bp in inductor:bf16 inductor:fp16 tensorrt:fp16 tensorrt:fp8 onnxruntime:fp32; do
+        backend=${bp%%:*}; precision=${bp##*:}
+        device=cuda; [ "$backend" = onnxruntime ] && device=cpu
+        if run "build-a-$backend-$precision" "${A_ENV[@]}" "$PY" -m iws_engine.cli build "${A_MODEL[@]}" --backend "$backend" \
+                --precision "$precision" --device "$device" --batch 1:64:128 --probes 16 \
+                -o "$RESULTS/artifacts/eva02xgb-$backend-$precision"; then
+            say "  ok       build $bp: $(grep -E 'parity on' "$RESULTS/build-a-$backend-$precision.log" | tail -n 1)"
+        else
+            say "  not built $bp: $(grep -E 'iws-engine build:' "$RESULTS/build-a-$backend-$precision.log" | tail -n 1)"
+        fi
+    done
+fi
+if [ -n "$XGBOOST" ] && [ ${#BENCH[@]} -gt 0 ] && wants bench-a; then
+    if run bench-a "${A_ENV[@]}" "${BENCH[@]}" "${A_MODEL[@]}" --mode model \
+            --config torch:fp32:cuda --config torch:bf16:cuda \
+            --config inductor:bf16:cuda --config inductor:fp16:cuda --config tensorrt:fp16:cuda \
+            --batch-sizes "$A_BATCH_SIZES" --n "$A_N" --runs "$BENCH_RUNS" --warmup "$BENCH_WARMUP" \
+            -o "$RESULTS/bench" --report; then
+        say "  ok       bench-a (model only): $(grep -E '^best ' "$RESULTS/bench-a.log" | tail -n 1)"
+    else
+        fail "bench-a (bench-a.log)"
+    fi
+    grep -E '^not measured:' "$RESULTS/bench-a.log" | while IFS= read -r line; do say "  $line"; done
+fi
+if [ -n "$XGBOOST" ] && [ ${#BENCH[@]} -gt 0 ] && wants bench-a-e2e; then
+    # from PNG bytes: eager fp32 (baseline), eager bf16, compiled bf16/fp16; CPU (Pillow) and GPU loaders
+    if run bench-a-e2e "${A_ENV[@]}" "${BENCH[@]}" "${A_MODEL[@]}" --mode e2e \
+            --config torch:fp32:cuda --config torch:bf16:cuda \
+            --config inductor:bf16:cuda --config inductor:fp16:cuda --config inductor:bf16:cuda@gpu \
+            --config tensorrt:fp16:cuda \
+            --batch-sizes "${A_E2E_BATCH_SIZES:-64,128}" --n "$A_N" --runs "$BENCH_RUNS" --warmup "$BENCH_WARMUP" \
+            -o "$RESULTS/bench" --report; then
+        say "  ok       bench-a-e2e: $(grep -E '^best ' "$RESULTS/bench-a-e2e.log" | tail -n 1)"
+    else
+        fail "bench-a-e2e (bench-a-e2e.log)"
+    fi
+    grep -E '^not measured:' "$RESULTS/bench-a-e2e.log" | while IFS= read -r line; do say "  $line"; done
 fi
 
 # ----------------------------------------------------------------------------- verdict
