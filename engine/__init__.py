@@ -7,7 +7,7 @@ TensorRT, CuPy, nvCOMP, DALI, pynvml) are imported inside the modules that need 
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Classifier", "classify"]
+__all__ = ["__version__", "Classifier", "classify", "EvaXgbClassifier"]
 
 
 def __getattr__(name):  # PEP 562: keep `import iws_engine` cheap
@@ -15,4 +15,8 @@ def __getattr__(name):  # PEP 562: keep `import iws_engine` cheap
         from iws_engine import api
 
         return getattr(api, name)
+    if name == "EvaXgbClassifier":  # Pipeline A (EVA02 + XGBoost)
+        from iws_engine import pipeline_a
+
+        return pipeline_a.EvaXgbClassifier
     raise AttributeError(f"module 'iws_engine' has no attribute {name!r}")

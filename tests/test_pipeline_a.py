@@ -113,3 +113,27 @@ def test_cpu_loader_default_path_is_unchanged():
     loader = CpuLoader(iws_sarcnn_spec(0.38, 0.156), batch_size=4, workers=1)
     (batch,) = list(loader.batches([b"not a png"]))
     assert batch.inputs.shape == (0, 1, *loader.spec.size) and 0 in batch.errors
+
+
+def test_cli_evaluate_eva02xgb_reports_what_classified(xgboost_model, tiny_eva02_weights, tmp_path):
+    import json
+
+    from iws_engine.export.synth import generate
+
+    data = tmp_path / "data"
+    generate(data, 6, fmt="rgba16", size=(80, 70), seed=4)
+    report = tmp_path / "report.json"
+    r = run_cli("evaluate", data, "--labels", data / "labels.csv", "--model", "eva02xgb", "--eva-config", "tiny",
+                "--weights", tiny_eva02_weights, "--xgboost", xgboost_model, "--backend", "onnxruntime", "-o", report)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(report.read_text())
+    assert got["inputs"]["evaluated"] == 6 and got["inputs"]["excluded_errors"] == 0
+    assert all("+xgb:pipeline_a_xgboost@" in m for m in got["inputs"]["model_ids"])
+    assert "onnxruntime fp32" in json.dumps(got) and "XGBoost on cpu" in json.dumps(got)
+
+
+def test_python_api_exports_pipeline_a():
+    import iws_engine
+    from iws_engine.pipeline_a import EvaXgbClassifier
+
+    assert iws_engine.EvaXgbClassifier is EvaXgbClassifier
