@@ -73,9 +73,11 @@ class InductorBackend(Backend):
         self.cuda_graphs = on_cuda and mode not in MODES_WITH_OWN_CUDA_GRAPHS if cuda_graphs is None else cuda_graphs
         self.max_graphs = max_graphs
         self.max_padding = max_padding
-        # static shapes on CUDA (one specialised kernel set per captured batch size); on the CPU
-        # dynamo's automatic dynamic shapes avoid one compile per batch size
-        self.dynamic = (False if on_cuda else None) if dynamic is None else dynamic
+        # static shapes on CUDA for small models (one specialised kernel set per captured batch
+        # size); dynamo's automatic dynamic shapes (at most two compiles) on the CPU and for EVA02,
+        # whose compile takes minutes per shape: decided at load when None
+        self._dynamic_option = dynamic
+        self.dynamic = dynamic
         self.threads = threads
         self.graph_failures: dict[int, str] = {}  # batch size → why its capture failed (runs without a graph)
         self._graphs: dict[int, _CapturedGraph] = {}
@@ -84,7 +86,7 @@ class InductorBackend(Backend):
     def _load_impl(self, model) -> None:
         import torch
 
-        from iws_engine.export.models import build_model
+        from iws_engine.export.models import build_model, is_eva02
 
         on_cuda = self.device.startswith("cuda")
         if on_cuda and not torch.cuda.is_available():
@@ -95,6 +97,8 @@ class InductorBackend(Backend):
         self._device = torch.device(self.device)
         self._dtype = getattr(torch, _TORCH_DTYPE[self.precision])
         self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if self._dynamic_option is None:
+            self.dynamic = False if on_cuda and not is_eva02(model) else None
         net = build_model(model).to(device=self._device, dtype=self._dtype).eval()
         net = net.to(memory_format=self._memory_format)
         self._net = net
@@ -152,7 +156,7 @@ class InductorBackend(Backend):
         return v
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "compile_mode": self.mode, "channels_last": self.channels_last,
+        return {**super().info(), "compile_mode": self.mode, "dynamic": self.dynamic, "channels_last": self.channels_last,
                 "cuda_graphs": self.cuda_graphs, "graph_batch_sizes": sorted(self._graphs),
                 "graph_failures": dict(self.graph_failures)}
 
