@@ -2,11 +2,16 @@
 
     iws-engine bench [--mode model|e2e] [--config torch:fp32 --config onnxruntime:fp32 ...]
                      [--batch-sizes 1,16,64] [--runs 5] [--warmup 2] [--n 256] [--format rgba16]
-                     [--size 539x528] [--weights FILE] [--idle-seconds 3] [-o bench/results] [--report]
+                     [--size 539x528] [--model sarcnn|eva02xgb|FILE] [--weights FILE]
+                     [--xgboost FILE] [--eva-config large|tiny] [--idle-seconds 3]
+                     [-o bench/results] [--report]
 
-Default configurations: torch:fp32 and onnxruntime:fp32 on the CPU; on a CUDA machine torch:fp32
-and torch:fp16 on cuda first (the GPU eager fp32 baseline), then the two CPU ones. Writes the JSON,
-Markdown table and plots (see iws_engine.bench.report) and prints the table.
+`--model` means what it means for classify: sarcnn (pipeline B, the default), eva02xgb (pipeline A:
+EVA02 + XGBoost, with --xgboost), or a SAR_CNN weights file. Default configurations: torch:fp32 and
+onnxruntime:fp32 on the CPU; on a CUDA machine, for sarcnn torch:fp32 and torch:fp16 on cuda first
+(the GPU eager fp32 baseline), then the two CPU ones; for eva02xgb torch fp32 and bf16, inductor
+bf16 and fp16 and tensorrt fp16, all on cuda. Writes the JSON, Markdown table and plots (see
+iws_engine.bench.report) and prints the table.
 """
 
 from __future__ import annotations
@@ -64,8 +69,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per pass (default: %(default)s)")
     parser.add_argument("--format", default="rgba16", choices=FORMATS, help="synthetic PNG format (default: %(default)s)")
     parser.add_argument("--size", type=size_wxh, default=(539, 528), metavar="WxH", help="synthetic PNG size (default: 539x528)")
-    parser.add_argument("--weights", "--model", dest="weights", type=Path, metavar="FILE",
-                        help="SAR_CNN weights (.safetensors); default: the embedded model")
+    # spelled as classify's model options (iws_engine.cli), without its backend/device/precision: --config sets those
+    from iws_engine.cli import EVA_CONFIGS
+
+    parser.add_argument("--model", metavar="NAME|FILE",
+                        help="the pipeline: sarcnn (Pipeline B, the default) or eva02xgb (Pipeline A: EVA02 + "
+                             "XGBoost); any other value is a SAR_CNN weights file, as --weights")
+    parser.add_argument("--weights", type=Path, metavar="FILE",
+                        help="SAR_CNN weights (.safetensors; default: the embedded model) or, with --model eva02xgb, "
+                             "EVA02 weights (default: random, untrained)")
+    parser.add_argument("--xgboost", type=Path, metavar="FILE",
+                        help="with --model eva02xgb: Pipeline A's XGBoost model (JSON), e.g. the paper's "
+                             "models/pipeline_a_xgboost.json; required")
+    parser.add_argument("--eva-config", default="large", choices=EVA_CONFIGS,
+                        help="with --model eva02xgb: EVA02 architecture; tiny is for tests and smoke runs only "
+                             "(default: %(default)s)")
     parser.add_argument("--idle-seconds", type=_seconds, default=3.0, metavar="S",
                         help="GPU idle-power sampling before the runs, CUDA configurations only (default: %(default)s)")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"), metavar="DIR",
@@ -81,17 +99,32 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _pipeline(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """(pipeline, weights) as classify resolves them; ValueError for contradictory model options."""
+    from iws_engine.cli import resolve_model  # lazily: the cli imports this module to build its parser
+
+    pipeline, weights = resolve_model(args)
+    if pipeline == "eva02xgb" and args.xgboost is None:
+        raise ValueError("--model eva02xgb needs --xgboost FILE: Pipeline A's XGBoost model (the paper's "
+                         "models/pipeline_a_xgboost.json)")
+    if pipeline == "sarcnn" and args.xgboost is not None:
+        raise ValueError("--xgboost is only used with --model eva02xgb")
+    return pipeline, weights
+
+
 def run(args: argparse.Namespace) -> int:
     """Measure, write the outputs, print the table; 0 on success, 2 when nothing could be measured."""
     from iws_engine.backends.base import BackendError
     from iws_engine.bench.report import markdown_table, render_report, write_outputs
 
-    configs = args.configs or default_configs(_cuda_available())
     try:
+        pipeline, weights = _pipeline(args)
+        configs = args.configs or default_configs(_cuda_available(), pipeline)
         result = run_bench(configs, mode=args.mode, batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup,
-                           n_images=args.n_images, fmt=args.format, size=args.size, weights=args.weights,
-                           idle_seconds=args.idle_seconds)
-    except (BackendError, ValueError, OSError) as error:
+                           n_images=args.n_images, fmt=args.format, size=args.size, weights=weights,
+                           idle_seconds=args.idle_seconds, pipeline=pipeline, xgboost=args.xgboost,
+                           eva_config=args.eva_config)
+    except (BackendError, ValueError, OSError, ImportError) as error:
         print(f"iws-engine bench: {error}", file=sys.stderr)
         return 2
     paths = write_outputs(result, args.output_dir)

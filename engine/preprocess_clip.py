@@ -107,6 +107,13 @@ def center_crop_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
     return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
 
 
+def clip_geometry(width: int, height: int, spec: ClipPreprocessSpec = EVA02_L448_SPEC
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized_width, resized_height), (left, top)) of `resize_and_crop` for a width x height image."""
+    resized = shorter_edge_resize(width, height, spec.scale_size)
+    return resized, center_crop_offsets(*resized, spec.size)
+
+
 def load_rgb(source: ImageSource) -> Image.Image:
     """Pillow's `Image.open(f).convert("RGB")` on PNG bytes, a path, or an opened image."""
     if isinstance(source, Image.Image):
@@ -166,3 +173,19 @@ def preprocess_clip_reference(
     """
     rgb = np.asarray(resize_and_crop(load_rgb(source), spec))
     return normalise_rgb8(rgb, spec, out)
+
+
+def preprocess_clip_scanlines(rows: np.ndarray, width: int, color_type: int, bit_depth: int,
+                              spec: ClipPreprocessSpec = EVA02_L448_SPEC, out: np.ndarray | None = None) -> np.ndarray:
+    """`preprocess_clip_reference` without Pillow, from a PNG's unfiltered scanlines (H, row_bytes).
+
+    Pillow's RGB conversion, resampling and the crop transcribed to NumPy (engine/pillow_resample.py),
+    computing only the cropped outputs, as kernels/clip_resize.cu does; then the same normalisation.
+    8/16-bit grey, grey+alpha, RGB and RGBA; palette and sub-byte images are Pillow's alone.
+    """
+    from iws_engine.pillow_resample import pillow_rgb_from_scanlines, resample_crop_rgb8
+
+    rgb = pillow_rgb_from_scanlines(rows, width, color_type, bit_depth)
+    resized, (left, top) = clip_geometry(width, rgb.shape[0], spec)
+    cropped = resample_crop_rgb8(rgb, resized, (left, top, left + spec.size, top + spec.size))
+    return normalise_rgb8(cropped, spec, out)

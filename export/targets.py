@@ -74,14 +74,19 @@ class SarcnnTarget:
         """The fp32 eager reference runs on the CPU: exact, and fast enough for 283 k parameters."""
         return "cpu"
 
-    def probe_inputs(self, n: int, seed: int = PROBE_SEED) -> np.ndarray:
-        """A fixed probe set through the reference preprocessing, (n, 1, 256, 256) float32."""
+    def preprocess_png(self, blob: bytes, out: np.ndarray) -> np.ndarray:
+        """One PNG's bytes through the reference preprocessing into `out`, float32 `input_shape`."""
         from iws_engine.loaders.png import decode_png
         from iws_engine.preprocess import preprocess_reference
 
+        preprocess_reference(decode_png(blob), self.spec, out=out[0])
+        return out
+
+    def probe_inputs(self, n: int, seed: int = PROBE_SEED) -> np.ndarray:
+        """A fixed probe set through the reference preprocessing, (n, 1, 256, 256) float32."""
         out = np.empty((n, *self.input_shape), np.float32)
         for i in range(n):
-            preprocess_reference(decode_png(_probe_png(i, seed)), self.spec, out=out[i, 0])
+            self.preprocess_png(_probe_png(i, seed), out[i])
         return out
 
     def scores(self, outputs: np.ndarray) -> np.ndarray:
@@ -196,13 +201,18 @@ class Eva02XgbTarget:
         on a GPU with TF32 off, so it is fp32 to the last bit the kernels allow."""
         return device
 
-    def probe_inputs(self, n: int, seed: int = PROBE_SEED) -> np.ndarray:
-        """The same probe vignettes through Pillow + timm preprocessing, (n, 3, S, S) float32."""
+    def preprocess_png(self, blob: bytes, out: np.ndarray) -> np.ndarray:
+        """One PNG's bytes through Pillow + timm preprocessing into `out`, float32 (3, S, S)."""
         from iws_engine.preprocess_clip import preprocess_clip_reference
 
+        preprocess_clip_reference(blob, self.spec, out=out)
+        return out
+
+    def probe_inputs(self, n: int, seed: int = PROBE_SEED) -> np.ndarray:
+        """The same probe vignettes through Pillow + timm preprocessing, (n, 3, S, S) float32."""
         out = np.empty((n, *self.input_shape), np.float32)
         for i in range(n):
-            preprocess_clip_reference(_probe_png(i, seed), self.spec, out=out[i])
+            self.preprocess_png(_probe_png(i, seed), out[i])
         return out
 
     def scores(self, outputs) -> np.ndarray:

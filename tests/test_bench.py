@@ -1,4 +1,5 @@
-"""bench/runner.py, bench/report.py, bench/gpu_telemetry.py and the bench/report commands (CPU only, tiny runs)."""
+"""bench/runner.py, bench/report.py, bench/gpu_telemetry.py and the bench/report commands (CPU only, tiny runs),
+for pipeline B (SAR_CNN) and pipeline A (the tiny EVA02 + the paper's XGBoost model)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import pytest
 from iws_engine.bench import bench_cmd, report_cmd
 from iws_engine.bench.gpu_telemetry import ENERGY_SCOPE, GpuMonitor, decode_throttle_reasons, summarise_windows
 from iws_engine.bench.projection import project_from_bench
-from iws_engine.bench.report import SCHEMA, markdown_table, render_report, write_outputs
+from iws_engine.bench.report import SCHEMA, markdown_table, output_stem, render_report, write_outputs
 from iws_engine.bench.runner import BenchConfig, default_configs, run_bench
+from tests.conftest import XGBOOST_MODEL, require, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONFIGS = [BenchConfig("torch", "fp32", "cpu"), BenchConfig("onnxruntime", "fp32", "cpu")]
@@ -58,6 +60,9 @@ def test_config_syntax() -> None:
     assert default_configs(False) == CONFIGS
     assert default_configs(True)[0] == BenchConfig("torch", "fp32", "cuda")
     assert BenchConfig("torch", "fp16", "cuda") in default_configs(True)
+    assert default_configs(False, "eva02xgb") == CONFIGS
+    assert [c.label for c in default_configs(True, "eva02xgb")] == [
+        "torch:fp32:cuda", "torch:bf16:cuda", "inductor:bf16:cuda", "inductor:fp16:cuda", "tensorrt:fp16:cuda"]
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -356,3 +361,196 @@ def test_e2e_loader_choice_side_by_side(random_weights) -> None:
     assert records["onnxruntime:fp32:cpu@cpu"]["loader"] == "cpu"
     assert records["onnxruntime:fp32:cpu@gpu"]["error"]  # no CUDA/CuPy/nvCOMP on this machine
     assert [r["config"] for r in result["rows"]] == ["onnxruntime:fp32:cpu@cpu"]
+
+
+# ----------------------------------------------------------------------------- pipeline A (eva02xgb)
+
+EVA_TINY = dict(batch_sizes=(2,), runs=1, warmup=0, n_images=4, size=(64, 64), pipeline="eva02xgb", eva_config="tiny")
+PIPELINE_A = "EVA02-L/14-448 + XGBoost (pipeline A)"
+
+
+@pytest.fixture(scope="module")
+def xgboost_model() -> Path:
+    pytest.importorskip("xgboost")
+    return require(XGBOOST_MODEL)
+
+
+@pytest.fixture(scope="module")
+def eva_model_result(xgboost_model) -> dict[str, Any]:
+    """Model only, the random tiny EVA02."""
+    return run_bench([BenchConfig("torch")], mode="model", xgboost=xgboost_model, **EVA_TINY)
+
+
+@pytest.fixture(scope="module")
+def eva_e2e_result(xgboost_model, tiny_eva02_weights) -> dict[str, Any]:
+    """End to end, the tiny EVA02 from a weights file."""
+    return run_bench([BenchConfig("torch")], mode="e2e", weights=tiny_eva02_weights, xgboost=xgboost_model, **EVA_TINY)
+
+
+def _check_pipeline_a(result: dict[str, Any], mode: str) -> None:
+    assert result["schema"] == SCHEMA and result["mode"] == mode and result["pipeline"] == PIPELINE_A
+    model = result["model"]
+    assert model["pipeline"] == "eva02xgb" and model["eva_config"] == "tiny"
+    assert model["input_shape"] == [3, 56, 56] and model["output_shape"] == [1000]
+    assert "+xgb:pipeline_a_xgboost@" in model["id"] and model["xgboost"] == "pipeline_a_xgboost.json"
+    assert "xgboost" in result["libraries"] and "torch" in result["libraries"]
+    [row] = result["rows"]
+    assert row["config"] == "torch:fp32:cpu" and row["batch_size"] == 2 and row["images"] == 4
+    assert row["throughput_img_s"]["mean"] > 0 and row["latency_ms"]["batches"] == 2
+    assert result["configs"][0]["load_s"] > 0 and "error" not in result["configs"][0]
+
+
+def test_pipeline_a_model_mode(eva_model_result) -> None:
+    _check_pipeline_a(eva_model_result, "model")
+    model = eva_model_result["model"]
+    assert model["xgboost_device"] is None and not model["trained"] and "random-untrained" in model["id"]
+    assert "XGBoost not run" in eva_model_result["protocol"]["inputs"]
+    [row] = eva_model_result["rows"]
+    assert "stages" not in row and "xgboost_share" not in row
+
+
+def test_pipeline_a_e2e_mode_times_xgboost(eva_e2e_result) -> None:
+    _check_pipeline_a(eva_e2e_result, "e2e")
+    model = eva_e2e_result["model"]
+    assert model["xgboost_device"] == "cpu" and model["trained"] and model["id"].startswith("eva02_tiny@")
+    [row] = eva_e2e_result["rows"]
+    stages, wall = row["stages"], row["wall_s"]["per_run"]
+    xgboost, inference = stages["xgboost"]["seconds"]["per_run"], stages["inference"]["seconds"]["per_run"]
+    assert stages["xgboost"]["clock"] == "wall"
+    assert stages["xgboost"]["ms_per_img"] == pytest.approx(1000 * stages["xgboost"]["seconds"]["mean"] / 4)
+    assert all(0 < x <= i <= w for x, i, w in zip(xgboost, inference, wall))  # a part of inference, of the pass
+    share = row["xgboost_share"]
+    assert share["per_run"] == pytest.approx([x / w for x, w in zip(xgboost, wall)])
+    assert 0 < share["mean"] < 1
+
+
+def test_pipeline_a_outputs(eva_model_result, eva_e2e_result, model_result, tmp_path) -> None:
+    assert "-eva02xgb-" not in output_stem(model_result)  # SAR_CNN names unchanged
+    assert output_stem(model_result).endswith(f"-model-{model_result['date']}-{model_result['commit']}")
+    for result in (eva_model_result, eva_e2e_result):
+        stem = output_stem(result)
+        assert stem.startswith("bench-") and stem.endswith(
+            f"-eva02xgb-{result['mode']}-{result['date']}-{result['commit']}")
+    paths = write_outputs(eva_e2e_result, tmp_path)
+    assert paths["json"].name == output_stem(eva_e2e_result) + ".json"
+    assert paths["stages_plot"].read_bytes().startswith(PNG_SIGNATURE)
+    page = paths["markdown"].read_text()
+    assert "iws-engine bench, pipeline A e2e:" in page and "XGBoost on cpu" in page
+    table = markdown_table(eva_e2e_result).splitlines()
+    assert table[0].endswith("| inference ms/img | xgboost ms/img | XGBoost share of wall |")
+    assert table[2].startswith("| torch:fp32:cpu | 2 |") and table[2].endswith(" % |")
+    assert "xgboost" not in markdown_table(eva_model_result) and "xgboost" not in markdown_table(model_result)
+
+
+def _as_pipeline_a(result: dict[str, Any], mode: str, commit: str) -> dict[str, Any]:
+    """A synthetic pipeline A result on an H100 (from a SAR_CNN one: only the fields the report reads change)."""
+    result = json.loads(json.dumps(result))
+    result.update(mode=mode, commit=commit, pipeline=PIPELINE_A)
+    result["model"].update(pipeline="eva02xgb", id="eva02_large@0123+xgb:pipeline_a_xgboost@4567",
+                           eva_config="large", xgboost_device="cuda", trained=True)
+    result["machine"]["gpu"] = {"name": "NVIDIA H100 80GB HBM3"}
+    template = result["rows"][0]
+    rows = []
+    for config, rate in (("torch:fp32:cuda", 120.0), ("torch:bf16:cuda", 250.0), ("inductor:bf16:cuda", 700.0)):
+        backend, precision, device = config.split(":")
+        row = json.loads(json.dumps(template))
+        row.update(config=config, backend=backend, precision=precision, device=device, batch_size=64,
+                   throughput_img_s={"mean": rate, "std": 0.0, "per_run": [rate] * template["runs"]},
+                   xgboost_share={"mean": 0.04, "std": 0.0, "per_run": [0.04] * template["runs"]},
+                   gpu={"allocator_peak_mb": 4321.0})
+        rows.append(row)
+    result.update(rows=rows, baseline="torch:fp32:cuda", throughput_img_s=700.0,
+                  best={"config": "inductor:bf16:cuda", "batch_size": 64, "throughput_img_s": 700.0})
+    return result
+
+
+def test_report_renders_both_pipelines(written, model_result, tmp_path) -> None:
+    from iws_engine.bench.report import latest_results, pipeline_a_goal
+
+    out = tmp_path / "results"
+    out.mkdir()
+    for path in written[0].glob("bench-*.json"):  # the SAR_CNN model and e2e results
+        (out / path.name).write_text(path.read_text())
+    e2e_a = _as_pipeline_a(model_result, "e2e", "aaa0001")
+    for result in (e2e_a, _as_pipeline_a(model_result, "model", "aaa0002")):
+        (out / f"{output_stem(result)}.json").write_text(json.dumps(result))
+    goal = pipeline_a_goal(e2e_a)
+    assert goal["config"] == "inductor:bf16:cuda" and goal["meets_throughput"]
+    assert goal["vs_eager_bf16"] == pytest.approx(2.8) and goal["meets_ratio"]
+
+    benches, _ = latest_results(out)
+    assert sorted(r["model"].get("pipeline", "sarcnn") for _p, r in benches) == ["eva02xgb", "eva02xgb", "sarcnn",
+                                                                                 "sarcnn"]
+    page = render_report(out, tmp_path / "REPORT.md", paper_data_dir=tmp_path / "no-paper-data").read_text()
+    assert "Against the paper (pipeline B, SAR_CNN)" in page and "3,396" in page
+    section_a = page.split("## Against the paper (pipeline A, EVA02-L/14-448 + XGBoost)", 1)[1].split("\n## ", 1)[0]
+    assert "25.6 img/s on NVIDIA L40" in section_a and "0.92 img/s on 56 CPU cores" in section_a
+    assert "include PNG loading" in section_a and "4.0 %" in section_a and "4,321" in section_a
+    assert "NVIDIA H100 80GB HBM3" in section_a and "inductor:bf16:cuda" in section_a
+    assert "tiny" not in section_a and "iws-engine bench e2e, torch:fp32:cpu" not in section_a  # SAR_CNN stays in B
+    assert "Goal (issue #5)" in section_a and "700.0 img/s (met)" in section_a and "2.80× torch:bf16:cuda" in section_a
+    assert "paper pipeline A GPU on NVIDIA L40" in page and "paper pipeline B GPU on NVIDIA L40" in page
+    assert "pipeline A, iws-engine bench e2e, inductor:bf16:cuda, batch 64" in page  # A's projection: its best e2e
+    assert "iws-engine bench, pipeline A e2e:" in page and "iws-engine bench, pipeline A model:" in page
+
+    for path in out.glob("bench-*.json"):  # pipeline A alone: no pipeline B comparison
+        if "-eva02xgb-" not in path.name:
+            path.unlink()
+    page = render_report(out, tmp_path / "A.md", paper_data_dir=tmp_path / "no-paper-data").read_text()
+    assert "pipeline A, EVA02-L/14-448 + XGBoost" in page and "pipeline B, SAR_CNN" not in page
+    assert "paper pipeline B GPU" not in page and "Archive pass" in page
+
+
+def test_paper_pipeline_a_figures(tmp_path) -> None:
+    from iws_engine.bench.report import PAPER_DATA_DIR, PAPER_PIPELINE_A, paper_pipeline_a
+
+    fallback = paper_pipeline_a(tmp_path)
+    assert fallback["gpu"]["throughput_img_s"] == PAPER_PIPELINE_A["gpu"]["throughput_img_s"]
+    assert fallback["gpu"]["source"] == "paper Tables 3–4"
+    if not (PAPER_DATA_DIR / "pipeline_a_gpu_inference.json").is_file():
+        pytest.skip(f"paper data absent: {PAPER_DATA_DIR}")
+    figures = paper_pipeline_a()
+    gpu, cpu = figures["gpu"], figures["cpu"]
+    assert gpu["throughput_img_s"] == pytest.approx(25.64, abs=0.01) and gpu["batch_size"] == 128
+    assert gpu["machine"] == "NVIDIA L40" and gpu["energy_mj_per_img_gross"] == pytest.approx(11690, abs=1)
+    assert "data/pipeline_a_gpu_inference.json" in gpu["source"] and "data/pipeline_a_gpu_power.json" in gpu["source"]
+    assert cpu["throughput_img_s"] == pytest.approx(0.92, abs=0.01)
+    assert "data/pipeline_a_cpu_inference.json" in cpu["source"]
+    for kind in ("gpu", "cpu"):  # the constants are the data files' figures
+        for key, value in PAPER_PIPELINE_A[kind].items():
+            assert figures[kind][key] == pytest.approx(value) if isinstance(value, float) else figures[kind][key] == value
+
+
+def test_bench_command_model_option(random_weights) -> None:
+    """--model means what it means for classify; contradictory model options are refused."""
+    for argv, expected in ((["--model", str(random_weights)], ("sarcnn", random_weights)),
+                           (["--weights", str(random_weights)], ("sarcnn", random_weights)),
+                           (["--model", "sarcnn"], ("sarcnn", None)),
+                           (["--model", "eva02xgb", "--xgboost", "x.json", "--weights", "eva.pth"],
+                            ("eva02xgb", Path("eva.pth")))):
+        assert bench_cmd._pipeline(_parse(bench_cmd, argv)) == expected
+    for argv, message in ((["--model", "eva02xgb"], "needs --xgboost"),
+                          (["--xgboost", "x.json"], "only used with --model eva02xgb"),
+                          (["--model", str(random_weights), "--weights", str(random_weights)], "give one")):
+        with pytest.raises(ValueError, match=message):
+            bench_cmd._pipeline(_parse(bench_cmd, argv))
+    assert _parse(bench_cmd, []).eva_config == "large"
+    with pytest.raises(SystemExit):
+        _parse(bench_cmd, ["--eva-config", "huge"])
+
+
+def test_bench_cli_pipeline_a(xgboost_model, tmp_path) -> None:
+    out = tmp_path / "results"
+    done = run_cli("bench", "--model", "eva02xgb", "--eva-config", "tiny", "--xgboost", xgboost_model, "--n", 4,
+                   "--runs", 1, "--warmup", 0, "--batch-sizes", 2, "--size", "64x64", "-o", out)
+    assert done.returncode == 0, done.stderr
+    [result_file] = out.glob("bench-*-eva02xgb-model-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["pipeline"] == PIPELINE_A and result["model"]["eva_config"] == "tiny"
+    labels = [c.label for c in default_configs(bench_cmd._cuda_available(), "eva02xgb")]
+    assert [c["label"] for c in result["configs"]] == labels  # on this CPU: torch and onnxruntime fp32
+    assert f"| {labels[0]} | 2 |" in done.stdout and "randomly initialised" in done.stderr
+
+    missing = run_cli("bench", "--model", "eva02xgb", "--eva-config", "tiny", "-o", out)
+    assert missing.returncode == 2
+    assert "--model eva02xgb needs --xgboost FILE" in missing.stderr and "Traceback" not in missing.stderr

@@ -11,6 +11,9 @@ On a CUDA device (marked gpu): pngsuite files unfiltered on the GPU equal decode
 and after fp16 rounding; malformed files get the CPU loader's errors; mixed batches keep their
 order and errors. Loader tests run with nvCOMP when it is installed and with zlib on the host
 (inflate="host") always, so the kernels are tested on machines without nvCOMP too.
+
+kernels/clip_resize.cu (Pipeline A's input) is compile-checked and its structs compared here with
+the others; its arithmetic, host side and loader path are tested in tests/test_gpu_clip.py.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from iws_engine.loaders import create_loader, default_loader_name
 from iws_engine.loaders.cpu import CpuLoader
 from iws_engine.loaders.gpu import (
     ADLER_JOB,
+    CLIP_JOB,
     DEVICE_ALIGN,
+    PILLOW_TAP,
     RESIZE_JOB,
     STATUS_ADLER_MISMATCH,
     STATUS_BAD_FILTER,
@@ -50,7 +55,7 @@ from iws_engine.preprocess import PreprocessSpec, imresize_axis_weights, preproc
 from tests.conftest import PNGSUITE
 from tests.pngtools import SIGNATURE, chunk, iter_chunks, without_chunks
 
-KERNEL_FILES = ("png_unfilter.cu", "grey_resize.cu", "adler32.cu")
+KERNEL_FILES = tuple(kernels.ENTRY_POINTS)
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 GPU_FORMATS = [(0, 8), (0, 16), (4, 8), (4, 16), (2, 8), (2, 16), (6, 8), (6, 16)]  # (colour type, bit depth)
 SPEC = PreprocessSpec(mean=0.4, std=0.2)  # 256x256, the IWS spec's shape
@@ -161,9 +166,12 @@ def nvrtc_ptx(name: str) -> str:
 @pytest.mark.parametrize("name", KERNEL_FILES)
 def test_kernel_compiles_with_nvrtc(name: str) -> None:
     ptx = nvrtc_ptx(name)
-    entry = {"png_unfilter.cu": "png_unfilter", "grey_resize.cu": "grey_resize_normalise",
-             "adler32.cu": "adler32_verify"}[name]
-    assert f".entry {entry}(" in ptx  # extern "C": the unmangled name the loader asks for
+    for entry in kernels.ENTRY_POINTS[name]:
+        assert f".entry {entry}(" in ptx  # extern "C": the unmangled name the loader asks for
+
+
+def test_every_kernel_file_is_listed() -> None:
+    assert sorted(p.name for p in kernels.KERNEL_DIR.glob("*.cu")) == sorted(kernels.ENTRY_POINTS)
 
 
 def test_grey_resize_ptx_has_no_fused_multiply_add() -> None:
@@ -179,19 +187,21 @@ def test_grey_resize_ptx_has_no_fused_multiply_add() -> None:
 
 def struct_fields(source: str, name: str) -> list[tuple[str, str]]:
     body = re.search(rf"struct {name} \{{(.*?)\}};", source, re.S).group(1)
-    return re.findall(r"^\s*(u64|u32)\s+(\w+);", body, re.M)
+    return re.findall(r"^\s*(u64|u32|int)\s+(\w+);", body, re.M)
 
 
 @pytest.mark.parametrize("file, struct_name, dtype", [
     ("png_unfilter.cu", "UnfilterJob", UNFILTER_JOB),
     ("grey_resize.cu", "ResizeJob", RESIZE_JOB),
     ("adler32.cu", "AdlerJob", ADLER_JOB),
+    ("clip_resize.cu", "ClipJob", CLIP_JOB),
+    ("clip_resize.cu", "PillowTap", PILLOW_TAP),
 ])
 def test_descriptor_layouts_match_the_cuda_structs(file: str, struct_name: str, dtype: np.dtype) -> None:
     source = kernels.source(file)
     fields = struct_fields(source, struct_name)
     assert [f for _, f in fields] == list(dtype.names)
-    assert [{"u64": "<u8", "u32": "<u4"}[t] for t, _ in fields] == [dtype[f].str for f in dtype.names]
+    assert [{"u64": "<u8", "u32": "<u4", "int": "<i4"}[t] for t, _ in fields] == [dtype[f].str for f in dtype.names]
     size = int(re.search(rf"static_assert\(sizeof\({struct_name}\) == (\d+)", source).group(1))
     assert dtype.itemsize == size
 
@@ -591,9 +601,13 @@ class FakeCodec:
         return results
 
 
-@pytest.fixture
-def numpy_device(monkeypatch):
-    """Run GpuLoader with NumPy arrays for device memory and the emulated kernels."""
+EMULATED_KERNELS = {"adler32_verify": emulated_adler, "png_unfilter": emulated_unfilter,
+                    "grey_resize_normalise": emulated_resize}
+
+
+def install_numpy_device(monkeypatch, emulations: dict) -> None:
+    """Make GpuLoader use NumPy arrays for device memory, and `emulations` (kernel name -> NumPy
+    function taking (grid, block, args)) for the kernels it compiles."""
     import contextlib
 
     from iws_engine.loaders import gpu
@@ -620,8 +634,7 @@ def numpy_device(monkeypatch):
 
         def get_function(self, name: str):
             assert f"void {name}(" in self.code or f"\n{name}(" in self.code
-            return {"adler32_verify": emulated_adler, "png_unfilter": emulated_unfilter,
-                    "grey_resize_normalise": emulated_resize}[name]
+            return emulations[name]
 
     def empty(shape, dtype=np.float32):
         return np.empty(shape, dtype).view(FakeDeviceArray)
@@ -637,6 +650,12 @@ def numpy_device(monkeypatch):
                                   as_arrays=lambda arrays, cuda_stream=0: list(arrays))
     monkeypatch.setattr(gpu, "_import_cupy", lambda: fake_cupy)
     monkeypatch.setattr(gpu, "_import_nvcomp", lambda: fake_nvcomp)
+
+
+@pytest.fixture
+def numpy_device(monkeypatch):
+    """Run GpuLoader with NumPy arrays for device memory and the emulated kernels."""
+    install_numpy_device(monkeypatch, EMULATED_KERNELS)
 
 
 @pytest.mark.parametrize("output_dtype", ["float32", "float16"])

@@ -156,8 +156,8 @@ class InductorBackend(Backend):
         return v
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "compile_mode": self.mode, "dynamic": self.dynamic, "channels_last": self.channels_last,
-                "cuda_graphs": self.cuda_graphs, "graph_batch_sizes": sorted(self._graphs),
+        return {**super().info(), "compile_mode": self.mode, "dynamic": self.dynamic,
+                "channels_last": self.channels_last, "cuda_graphs": self.cuda_graphs, "graph_batch_sizes": sorted(self._graphs),
                 "graph_failures": dict(self.graph_failures)}
 
     # ----- helpers -----

@@ -82,6 +82,46 @@ def load_one(item: InputItem, name: str, spec: PreprocessSpec, max_pixels: int, 
     return t
 
 
+def load_clip_one(item: InputItem, name: str, spec, max_pixels: int, out: np.ndarray) -> StageTimes:
+    """Read one PNG and write Pipeline A's input into `out` (3, S, S) as the paper made it: Pillow's
+    `Image.open(f).convert("RGB")`, then `preprocess_clip_reference`. `spec` is a ClipPreprocessSpec.
+
+    Pillow opens other formats and decompression bombs, so this refuses them first; every failure is
+    a PngError naming `name`. (The GPU loader's fallback for a CLIP spec; pipeline_a.clip_png_preprocess
+    applies the same rules.)
+    """
+    import io
+
+    from PIL import Image
+
+    from iws_engine.loaders.png import PngError
+    from iws_engine.preprocess_clip import load_rgb, preprocess_clip_reference
+
+    t = StageTimes()
+    t0 = time.perf_counter()
+    data = read_input(item, name)
+    t1 = time.perf_counter()
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            if img.format != "PNG":  # Pillow opens JPEG, GIF, ...: the engine's inputs are PNG only
+                raise PngError(f"not a PNG file (Pillow reads it as {img.format})", path=name)
+            if img.width * img.height > max_pixels:  # decompression bombs: refuse before decoding
+                raise PngError(f"{img.width}x{img.height} exceeds --max-pixels {max_pixels}", path=name)
+            rgb = load_rgb(img)
+    except PngError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise PngError("not a PNG file (Pillow cannot identify it)", path=name) from None
+    except Image.DecompressionBombError as e:
+        raise PngError(f"refused by Pillow ({e})", path=name) from None
+    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for unreadable/truncated files
+        raise PngError(f"cannot decode PNG ({type(e).__name__}: {e})", path=name) from None
+    t2 = time.perf_counter()
+    preprocess_clip_reference(rgb, spec, out=out)
+    t.read, t.decode, t.preprocess = t1 - t0, t2 - t1, time.perf_counter() - t2
+    return t
+
+
 class CpuLoader:
     """Batches of model input made by worker threads.
 

@@ -1,5 +1,11 @@
 """The GPU loader: PNG bytes -> inflate, unfilter, resize, grey and normalise on the device.
 
+Two model inputs: SAR_CNN's (a `PreprocessSpec`: Julia's bilinear resize and grey, (N, 1, H, W))
+and Pipeline A's EVA02 input (a `ClipPreprocessSpec`: Pillow's RGB conversion, antialiased
+bicubic resize, centre crop and CLIP normalisation, (N, 3, S, S)). Steps 1-3 are shared; the last
+kernel differs (kernels/grey_resize.cu or kernels/clip_resize.cu), and so does the CPU fallback
+(the PNGFiles-semantics decoder, or Pillow itself).
+
 Per batch:
 1. host (thread pool, overlapping the previous batches): read each file, `parse_png` it (framing,
    CRCs, IHDR, zlib header), and choose its path. 8/16-bit grey, grey+alpha, RGB and RGBA
@@ -11,11 +17,18 @@ Per batch:
    Deflate, and checked against their Adler-32 on the device (kernels/adler32.cu);
 3. kernels/png_unfilter.cu unfilters every image in place, kernels/grey_resize.cu writes the
    model input (N, 1, H, W) fp32 or fp16 straight into a device array, bit for bit as
-   engine/preprocess.py computes it.
+   engine/preprocess.py computes it; for a CLIP spec kernels/clip_resize.cu writes (N, 3, S, S)
+   bit for bit as engine/preprocess_clip.py's Pillow reference (two fixed-point passes through a
+   scratch buffer, integer taps from engine/pillow_resample.py).
 Any image the device flags (Adler-32 mismatch, invalid filter type, size mismatch) is decoded
 again on the CPU, which either reports the precise `PngError` or supplies its pixels: errors are
 per image, never per batch. When nvCOMP rejects a whole batch (one stream longer than its image
 does that), the batch's GPU images are all redone on the CPU, with a RuntimeWarning.
+
+A CLIP spec routes where Pillow differs from libpng: gAMA is ignored (gamma files stay on the GPU),
+and a file the strict parser or host zlib rejects is not an error yet: Pillow decides on the CPU
+(it accepts a bad IDAT CRC, for one), exactly as Pipeline A's CPU loader does. Palette, sub-byte
+grey and interlaced images, and absurd aspect ratios, are decoded by Pillow on the CPU too.
 
 Pipelining: two slots (CUDA stream + pinned staging + device buffers) alternate. Batch k+1 is
 launched on one stream before batch k is finished on the other and handed to the caller, so the
@@ -49,7 +62,7 @@ import numpy as np
 
 from iws_engine import kernels
 from iws_engine.backends.base import cpu_cores
-from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, Batch, StageTimes, _label, load_one, read_input
+from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, Batch, StageTimes, _label, load_clip_one, load_one, read_input
 from iws_engine.loaders.png import (
     _LIBPNG_USER_LIMIT,  # OpenCV's libpng refuses larger sides; the CPU path reports that error
     GREY,
@@ -61,12 +74,14 @@ from iws_engine.loaders.png import (
     inflate_idat,
     parse_png,
 )
+from iws_engine.pillow_resample import pillow_taps, vertical_first
 from iws_engine.preprocess import _LUMA_SCALE, PreprocessSpec, imresize_axis_weights
+from iws_engine.preprocess_clip import ClipPreprocessSpec, _normalise_table, clip_geometry
 
 __all__ = [
-    "GpuLoader", "GpuLoaderStats", "LoaderError", "BatchPlan", "TapTables", "plan_batch", "cpu_fallback_reason",
-    "decode_scanlines_on_gpu",
-    "UNFILTER_JOB", "RESIZE_JOB", "ADLER_JOB",
+    "GpuLoader", "GpuLoaderStats", "LoaderError", "BatchPlan", "TapTables", "ClipTapTables", "plan_batch",
+    "cpu_fallback_reason", "clip_cpu_fallback_reason", "decode_scanlines_on_gpu",
+    "UNFILTER_JOB", "RESIZE_JOB", "ADLER_JOB", "CLIP_JOB", "PILLOW_TAP",
 ]
 
 # Status bits per image, set by the kernels (#defines in kernels/*.cu).
@@ -81,6 +96,16 @@ RESIZE_JOB = np.dtype([("src_offset", "<u8"), ("src_pitch", "<u4"), ("pixel_byte
                        ("colour_channels", "<u4"), ("col_taps", "<u4"), ("row_taps", "<u4"), ("out_index", "<u4"),
                        ("reserved", "<u4")])
 ADLER_JOB = np.dtype([("offset", "<u8"), ("length", "<u8"), ("expected", "<u4"), ("reserved", "<u4")])
+CLIP_JOB = np.dtype([("src_offset", "<u8"), ("scratch_offset", "<u8"), ("src_pitch", "<u4"), ("pixel_bytes", "<u4"),
+                     ("sample_bytes", "<u4"), ("source", "<u4"), ("vertical_first", "<u4"), ("first_taps", "<u4"),
+                     ("second_taps", "<u4"), ("inter_first", "<u4"), ("inter_rows", "<u4"), ("inter_cols", "<u4"),
+                     ("out_index", "<u4"), ("reserved", "<u4")])
+PILLOW_TAP = np.dtype([("start", "<i4"), ("count", "<i4"), ("coeffs", "<u4"), ("reserved", "<u4")])
+
+# How clip_resize.cu turns a stored pixel into RGB (#defines CLIP_SOURCE_* there).
+CLIP_SOURCE_RGB = 0  # RGB, RGBA: the high byte of three samples
+CLIP_SOURCE_GREY = 1  # 8-bit grey, grey+alpha: the high byte of one sample, replicated
+CLIP_SOURCE_GREY16 = 2  # 16-bit grey ("I;16" in Pillow): min(sample, 255), replicated
 
 #: Device offsets are multiples of this: adler32.cu needs 16 for its uint4 loads, 256 keeps every
 #: image on its own cache lines.
@@ -89,6 +114,7 @@ DEFAULT_MAX_BATCH_BYTES = 1 << 30
 KERNEL_OPTIONS = ("--fmad=false", "-std=c++17")  # --fmad=false: grey_resize.cu's exactness argument
 UNFILTER_THREADS = 128  # rows per wavefront band (png_unfilter.cu); 128 keeps ~70% of threads busy at 539 px
 RESIZE_THREADS = 256
+CLIP_THREADS = 256
 ADLER_THREADS = 256  # a multiple of 32 (adler32.cu's warp reduction)
 
 
@@ -114,6 +140,33 @@ def cpu_fallback_reason(info: PngInfo) -> str | None:
     if len(info.deflate) == 0:
         return "empty deflate stream (the CPU decoder reports it)"
     return None
+
+
+#: CLIP spec: an image whose resized longer side would exceed this goes to Pillow (its tap table
+#: would cover the whole resized axis; an aspect ratio over ~146 at S = 448, never a vignette).
+CLIP_MAX_RESIZED_SIDE = 1 << 16
+
+
+def clip_cpu_fallback_reason(info: PngInfo, spec: ClipPreprocessSpec | None = None) -> str | None:
+    """Why this image is decoded by Pillow on the CPU under a CLIP spec, or None for the GPU path.
+
+    Unlike `cpu_fallback_reason`, gamma correction is no reason: Pillow ignores gAMA.
+    """
+    if info.interlace:
+        return "interlaced (Adam7)"
+    if info.color_type == PALETTE:
+        return "palette"
+    if info.bit_depth < 8:
+        return f"{info.bit_depth}-bit greyscale (sub-byte samples)"
+    if len(info.deflate) == 0:
+        return "empty deflate stream (Pillow decides)"
+    if spec is not None and max(clip_geometry(info.width, info.height, spec)[0]) > CLIP_MAX_RESIZED_SIDE:
+        return f"resized side over {CLIP_MAX_RESIZED_SIDE:,} pixels"
+    return None
+
+
+#: plan.cpu reason for a file the strict parser (or host zlib) rejected, under a CLIP spec.
+CLIP_PARSER_REJECTED = "rejected by parse_png/zlib (Pillow decides)"
 
 
 def _align(n: int, to: int = DEVICE_ALIGN) -> int:
@@ -161,6 +214,82 @@ class TapTables:
                 np.concatenate([p.w1 for p in self._parts]).astype(np.float64))
 
 
+class ClipTapTables:
+    """Pillow's fixed-point taps (pillow_resample.pillow_taps) for the device, as PILLOW_TAP rows + int32 weights.
+
+    Keyed by (n_in, n_out, first, count): only the `count` outputs from `first` that the centre crop
+    keeps are stored (a 1-pixel-high image resized to 448 rows would otherwise need its whole long
+    axis). Offsets stay valid until `reset_if_full`, which bumps `version` so that each slot re-uploads.
+    """
+
+    def __init__(self, max_entries: int = 1 << 22):
+        self.max_entries = max_entries  # int32 weights, the bigger array
+        self.version = 0
+        self._offsets: dict[tuple[int, int, int, int], int] = {}
+        self._rows: list[np.ndarray] = []
+        self._coeffs: list[np.ndarray] = []
+        self.total = 0  # rows
+        self.total_coeffs = 0
+
+    def offset(self, n_in: int, n_out: int, first: int, count: int) -> int:
+        """Tap index of output `first` of this axis; outputs first .. first + count - 1 follow it."""
+        key = (n_in, n_out, first, count)
+        found = self._offsets.get(key)
+        if found is None:
+            taps = pillow_taps(n_in, n_out)
+            weights = taps.weights[first:first + count]
+            rows = np.zeros(count, PILLOW_TAP)
+            rows["start"], rows["count"] = taps.start[first:first + count], taps.count[first:first + count]
+            rows["coeffs"] = self.total_coeffs + np.arange(count, dtype=np.int64) * taps.ksize
+            found = self._offsets[key] = self.total
+            self._rows.append(rows)
+            self._coeffs.append(np.ascontiguousarray(weights, np.int32).reshape(-1))
+            self.total += count
+            self.total_coeffs += weights.size
+            self.version += 1
+        return found
+
+    def reset_if_full(self) -> None:
+        if self.total_coeffs > self.max_entries:
+            self._offsets.clear()
+            self._rows.clear()
+            self._coeffs.clear()
+            self.total = self.total_coeffs = 0
+            self.version += 1
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(PILLOW_TAP rows as bytes, int32 weights)."""
+        if not self._rows:
+            return np.zeros(PILLOW_TAP.itemsize, np.uint8), np.zeros(1, np.int32)
+        return np.concatenate(self._rows).view(np.uint8), np.concatenate(self._coeffs)
+
+
+def clip_job(info: PngInfo, spec: ClipPreprocessSpec, taps: ClipTapTables, src_offset: int, out_index: int) -> tuple:
+    """The CLIP_JOB fields of one image (scratch_offset left 0), and its intermediate's size in samples.
+
+    Geometry as preprocess_clip.resize_and_crop; pass order as Pillow's (pillow_resample.vertical_first).
+    """
+    (resized_w, resized_h), (left, top) = clip_geometry(info.width, info.height, spec)
+    size = spec.size
+    col_first = taps.offset(info.width, resized_w, left, size)
+    row_first = taps.offset(info.height, resized_h, top, size)
+    sample_bytes = info.bit_depth // 8
+    if info.color_type in (GREY, GREY_ALPHA):
+        source = CLIP_SOURCE_GREY16 if info.color_type == GREY and sample_bytes == 2 else CLIP_SOURCE_GREY
+    else:
+        source = CLIP_SOURCE_RGB
+    if vertical_first(info.width, info.height, resized_w, resized_h):
+        lo, hi = pillow_taps(info.width, resized_w).rows_needed(left, left + size)  # source columns read
+        passes, inter_rows, inter_cols = (1, row_first, col_first), size, hi - lo
+    else:
+        lo, hi = pillow_taps(info.height, resized_h).rows_needed(top, top + size)  # source rows read
+        passes, inter_rows, inter_cols = (0, col_first, row_first), hi - lo, size
+    row_bytes = info.width * info.channels * sample_bytes
+    job = (src_offset, 0, row_bytes + 1, info.channels * sample_bytes, sample_bytes, source, *passes, lo,
+           inter_rows, inter_cols, out_index, 0)
+    return job, inter_rows * inter_cols
+
+
 @dataclass
 class BatchPlan:
     """Where each image of a batch goes, and the descriptors of the GPU part.
@@ -182,27 +311,36 @@ class BatchPlan:
     adler_jobs: np.ndarray = field(default_factory=lambda: np.zeros(0, ADLER_JOB))
     unfilter_jobs: np.ndarray = field(default_factory=lambda: np.zeros(0, UNFILTER_JOB))
     resize_jobs: np.ndarray = field(default_factory=lambda: np.zeros(0, RESIZE_JOB))
+    clip_jobs: np.ndarray = field(default_factory=lambda: np.zeros(0, CLIP_JOB))  # CLIP spec only
+    scratch_bytes: int = 0  # CLIP spec: the first pass's intermediate samples (u32 each), all images
+    max_intermediate: int = 0  # CLIP spec: the largest image's intermediate samples (pass 1's grid)
 
 
-def plan_batch(infos: Sequence[PngInfo | None], spec: PreprocessSpec, taps: TapTables, *,
-               max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> BatchPlan:
+def plan_batch(infos: Sequence[PngInfo | None], spec: PreprocessSpec | ClipPreprocessSpec,
+               taps: TapTables | ClipTapTables, *, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> BatchPlan:
     """Route each image (None = already failed) and build the GPU descriptors.
 
-    Images are packed in order; one that would push the compressed or inflated total past
-    `max_batch_bytes` goes to the CPU path instead (memory stays bounded).
+    Images are packed in order; one that would push the compressed, inflated (or, for a CLIP spec,
+    scratch) total past `max_batch_bytes` goes to the CPU path instead (memory stays bounded).
+    A CLIP spec takes a ClipTapTables and fills `clip_jobs`; a PreprocessSpec a TapTables and `resize_jobs`.
     """
+    clip = isinstance(spec, ClipPreprocessSpec)
     taps.reset_if_full()
-    out_h, out_w = spec.size
     plan = BatchPlan(size=len(infos))
     compressed, inflated = [], []
-    adler, unfilter, resize = [], [], []
-    c_total = i_total = 0
+    adler, unfilter, resize, clips = [], [], [], []
+    c_total = i_total = s_total = 0
     for k, info in enumerate(infos):
         if info is None:
             continue
-        reason = cpu_fallback_reason(info)
+        reason = clip_cpu_fallback_reason(info, spec) if clip else cpu_fallback_reason(info)
         c_size, i_size = len(info.deflate), info.raw_size
-        if reason is None and (c_total + _align(c_size) > max_batch_bytes or i_total + _align(i_size) > max_batch_bytes):
+        job, s_size = None, 0
+        if reason is None and clip:
+            job, samples = clip_job(info, spec, taps, i_total + 1, k)
+            s_size = 4 * samples
+        if reason is None and (c_total + _align(c_size) > max_batch_bytes or i_total + _align(i_size) > max_batch_bytes
+                               or s_total + _align(s_size) > max_batch_bytes):
             reason = f"does not fit the batch's device buffers (max_batch_bytes={max_batch_bytes})"
         if reason is not None:
             plan.cpu[k] = reason
@@ -211,13 +349,21 @@ def plan_batch(infos: Sequence[PngInfo | None], spec: PreprocessSpec, taps: TapT
         compressed.append((c_total, c_size))
         inflated.append((i_total, i_size))
         row_bytes = (info.width * info.bits_per_pixel + 7) // 8
-        sample_bytes = info.bit_depth // 8
-        clamp = out_h > info.height or out_w > info.width  # Julia clamps when any axis is enlarged
         adler.append((i_total, i_size, info.adler32, 0))
         unfilter.append((i_total, i_total + 1, row_bytes, info.height, row_bytes + 1, info.filter_stride))
-        resize.append((i_total + 1, row_bytes + 1, info.channels * sample_bytes, sample_bytes,
-                       1 if info.color_type in (GREY, GREY_ALPHA) else 3,
-                       taps.offset(info.width, out_w, clamp), taps.offset(info.height, out_h, clamp), k, 0))
+        if clip:
+            job = list(job)
+            job[1] = s_total  # scratch_offset
+            clips.append(tuple(job))
+            plan.max_intermediate = max(plan.max_intermediate, s_size // 4)
+            s_total += _align(s_size)
+        else:
+            out_h, out_w = spec.size
+            sample_bytes = info.bit_depth // 8
+            clamp = out_h > info.height or out_w > info.width  # Julia clamps when any axis is enlarged
+            resize.append((i_total + 1, row_bytes + 1, info.channels * sample_bytes, sample_bytes,
+                           1 if info.color_type in (GREY, GREY_ALPHA) else 3,
+                           taps.offset(info.width, out_w, clamp), taps.offset(info.height, out_h, clamp), k, 0))
         c_total += _align(c_size)
         i_total += _align(i_size)
     if plan.gpu:
@@ -225,8 +371,11 @@ def plan_batch(infos: Sequence[PngInfo | None], spec: PreprocessSpec, taps: TapT
         plan.inflated_offsets, plan.inflated_sizes = (np.array(v, np.int64) for v in zip(*inflated))
         plan.adler_jobs = np.array(adler, ADLER_JOB)
         plan.unfilter_jobs = np.array(unfilter, UNFILTER_JOB)
-        plan.resize_jobs = np.array(resize, RESIZE_JOB)
-    plan.compressed_bytes, plan.inflated_bytes = c_total, i_total
+        if clip:
+            plan.clip_jobs = np.array(clips, CLIP_JOB)
+        else:
+            plan.resize_jobs = np.array(resize, RESIZE_JOB)
+    plan.compressed_bytes, plan.inflated_bytes, plan.scratch_bytes = c_total, i_total, s_total
     return plan
 
 
@@ -262,16 +411,22 @@ def _check_device(cupy, device: int) -> None:
 
 
 class _Kernels:
-    """The three kernels, compiled once per loader with NVRTC from the package's .cu sources."""
+    """The loader's kernels, compiled once per loader with NVRTC from the package's .cu sources:
+    Adler-32 and unfilter, then grey_resize.cu (SAR_CNN spec) or clip_resize.cu's two passes (CLIP spec)."""
 
-    def __init__(self, cupy):
+    def __init__(self, cupy, clip: bool):
         def compile_(name: str):
             return cupy.RawModule(code=kernels.source(name), options=KERNEL_OPTIONS)
 
         try:
             self.adler = compile_("adler32.cu").get_function("adler32_verify")
             self.unfilter = compile_("png_unfilter.cu").get_function("png_unfilter")
-            self.resize = compile_("grey_resize.cu").get_function("grey_resize_normalise")
+            if clip:
+                module = compile_("clip_resize.cu")
+                self.clip_first = module.get_function("clip_resample_first")
+                self.clip_second = module.get_function("clip_resample_second_normalise")
+            else:
+                self.resize = compile_("grey_resize.cu").get_function("grey_resize_normalise")
         except Exception as e:  # CompileException carries the NVRTC log
             raise LoaderError(f"compiling the GPU loader's kernels failed: {e}") from None
 
@@ -289,6 +444,7 @@ class _Slot:
         self.staging = np.empty(0, np.uint8)  # pinned: deflate streams (nvCOMP) or inflated data (host inflate)
         self.compressed = cupy.empty(0, cupy.uint8)
         self.inflated = cupy.empty(0, cupy.uint8)
+        self.scratch = cupy.empty(0, cupy.uint8)  # CLIP spec: clip_resize.cu's intermediate samples
         self.status = cupy.zeros(batch_size, cupy.uint32)
         self.adler_computed = cupy.zeros(batch_size, cupy.uint32)
         self.status_host = self._empty_pinned(batch_size, np.uint32)
@@ -307,12 +463,13 @@ class _Slot:
         size = _align(int(need * 1.25) + 1, 1 << 20)  # headroom, so a slightly larger batch does not reallocate
         return self.cp.empty(size, self.cp.uint8) if device else self._empty_pinned(size, np.uint8)
 
-    def reserve(self, staging: int, compressed: int, inflated: int) -> None:
+    def reserve(self, staging: int, compressed: int, inflated: int, scratch: int = 0) -> None:
         self.staging = self._grow(self.staging, staging, device=False)
         self.compressed = self._grow(self.compressed, compressed, device=True)
         self.inflated = self._grow(self.inflated, inflated, device=True)
+        self.scratch = self._grow(self.scratch, scratch, device=True)
 
-    def upload_taps(self, taps: TapTables) -> None:
+    def upload_taps(self, taps: TapTables | ClipTapTables) -> None:
         if self.taps_version != taps.version:
             self.taps = tuple(self.cp.asarray(a) for a in taps.arrays())
             self.taps_version = taps.version
@@ -327,6 +484,7 @@ class _Parsed:
     info: PngInfo | None = None
     inflated: bytes | None = None  # inflate="host": zlib's output, already Adler-32-checked
     error: str | None = None
+    cpu_reason: str | None = None  # CLIP spec: the host parser (or zlib) rejected it; Pillow decides on the CPU
     read: float = 0.0
     decode: float = 0.0
 
@@ -366,6 +524,8 @@ def _status_reason(bits: int) -> str:
 class GpuLoader:
     """Batches whose `inputs` is a device array (CuPy, (N, C, H, W) fp32 or fp16) in item order.
 
+    `spec`: a PreprocessSpec (SAR_CNN, (N, 1, H, W)) or a ClipPreprocessSpec (Pipeline A's EVA02,
+    (N, 3, S, S), Pillow's semantics; images the GPU path does not take are made by Pillow on the CPU).
     `host_output=True` copies each batch's inputs to a NumPy array (for a backend on the CPU).
     A batch's `inputs` is a fresh allocation, valid as long as the caller holds it.
     Device memory: two slots, each at most ~1.25 x `max_batch_bytes` for the compressed and for
@@ -375,7 +535,7 @@ class GpuLoader:
 
     name = "gpu"
 
-    def __init__(self, spec: PreprocessSpec, batch_size: int = 64, device: int = 0,
+    def __init__(self, spec: PreprocessSpec | ClipPreprocessSpec, batch_size: int = 64, device: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None, *,
                  inflate: str = "nvcomp", output_dtype: str = "float32", host_output: bool = False,
                  max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, prefetch_batches: int = 2):
@@ -385,12 +545,20 @@ class GpuLoader:
             raise ValueError(f"inflate must be 'nvcomp' or 'host', got {inflate!r}")
         if output_dtype not in ("float32", "float16"):
             raise ValueError(f"output_dtype must be 'float32' or 'float16', got {output_dtype!r}")
-        if spec.channels != 1 or spec.layout != "NCHW":
-            raise ValueError(f"the GPU loader writes 1-channel NCHW input; the spec asks for {spec.channels} {spec.layout}")
-        mean, std = abs(float(np.float32(spec.mean))), float(np.float32(spec.std))
-        if (mean != 0.0 and mean < 2.0**-126) or std >= 2.0**86:
-            # grey_resize.cu's float32 steps are exact only without subnormals (CuPy compiles with -ftz=true)
-            raise ValueError(f"mean={spec.mean} / std={spec.std} would make subnormal floats on the device")
+        self._clip = isinstance(spec, ClipPreprocessSpec)
+        if self._clip:
+            # ClipPreprocessSpec validates itself (3 channels, NCHW, Pillow bicubic, centre crop); the
+            # normalisation is a table lookup, so no float range matters on the device.
+            self._item_shape: tuple[int, ...] = (3, spec.size, spec.size)
+        else:
+            if spec.channels != 1 or spec.layout != "NCHW":
+                raise ValueError(f"the GPU loader writes 1-channel NCHW input; the spec asks for {spec.channels} "
+                                 f"{spec.layout}")
+            mean, std = abs(float(np.float32(spec.mean))), float(np.float32(spec.std))
+            if (mean != 0.0 and mean < 2.0**-126) or std >= 2.0**86:
+                # grey_resize.cu's float32 steps are exact only without subnormals (CuPy compiles with -ftz=true)
+                raise ValueError(f"mean={spec.mean} / std={spec.std} would make subnormal floats on the device")
+            self._item_shape = (1, *spec.size)
         self.spec = spec
         self.batch_size = batch_size
         self.device = int(device)
@@ -404,11 +572,18 @@ class GpuLoader:
         self._cp = _import_cupy()
         self._nvcomp = _import_nvcomp() if inflate == "nvcomp" else None
         _check_device(self._cp, self.device)
-        self._taps = TapTables()
+        self._taps = ClipTapTables() if self._clip else TapTables()
         self.stats = GpuLoaderStats()
         with self._cp.cuda.Device(self.device):
-            self._kernels = _Kernels(self._cp)
+            self._kernels = _Kernels(self._cp, self._clip)
             self._slots = [_Slot(self._cp, self._nvcomp, self.device, batch_size) for _ in range(2)]
+            self._clip_table = None
+            if self._clip:  # preprocess_clip's own (3, 256) table, or its fp16 roundings: identical by construction
+                table = _normalise_table(tuple(spec.mean), tuple(spec.std))
+                self._clip_table = self._cp.asarray(np.ascontiguousarray(table.astype(output_dtype)))
+
+    def _fallback_reason(self, info: PngInfo) -> str | None:
+        return clip_cpu_fallback_reason(info, self.spec) if self._clip else cpu_fallback_reason(info)
 
     # ----- host stages (thread pool) -----
     def _read_and_parse(self, item, name: str) -> _Parsed:
@@ -419,7 +594,7 @@ class GpuLoader:
             t1 = time.perf_counter()
             parsed.read = t1 - t0
             parsed.info = parse_png(parsed.data, path=name, max_pixels=self.max_pixels)
-            if self.inflate == "host" and cpu_fallback_reason(parsed.info) is None:
+            if self.inflate == "host" and self._fallback_reason(parsed.info) is None:
                 parsed.inflated = inflate_idat(parsed.info, path=name)
             parsed.decode = time.perf_counter() - t1
         except PngError as e:
@@ -428,12 +603,19 @@ class GpuLoader:
             parsed.info, parsed.error = None, f"{name}: out of memory while parsing"
         except Exception as e:  # a parser bug must not cost the other images their results
             parsed.info, parsed.error = None, f"{name}: internal error while parsing ({type(e).__name__}: {e})"
+        if self._clip and parsed.error is not None and parsed.data is not None:
+            # Pillow, not our stricter parser, is the judge of a CLIP input: it may accept the file (a bad
+            # IDAT CRC or Adler-32) or reject it with its own reason, as Pipeline A's CPU loader does.
+            parsed.inflated, parsed.error, parsed.cpu_reason = None, None, CLIP_PARSER_REJECTED
         return parsed
 
     def _decode_on_cpu(self, data: bytes, name: str) -> tuple[np.ndarray | None, str | None, StageTimes]:
-        out = np.empty(self.spec.size, dtype=np.float32)
+        """One image by the CPU reference path: Pillow for a CLIP spec, decode_png + preprocess otherwise."""
+        out = np.empty(self._item_shape, dtype=np.float32)
         try:
-            return out, None, load_one(data, name, self.spec, self.max_pixels, out)
+            if self._clip:
+                return out, None, load_clip_one(data, name, self.spec, self.max_pixels, out)
+            return out, None, load_one(data, name, self.spec, self.max_pixels, out[0])
         except PngError as e:
             return None, str(e), StageTimes()
         except MemoryError:
@@ -450,8 +632,9 @@ class GpuLoader:
     def _launch(self, parsed: list[_Parsed], slot: _Slot, pool: ThreadPoolExecutor,
                 copy_pool: ThreadPoolExecutor) -> _InFlight:
         cp = self._cp
-        infos = [p.info if p.error is None else None for p in parsed]
+        infos = [p.info if p.error is None and p.cpu_reason is None else None for p in parsed]
         plan = plan_batch(infos, self.spec, self._taps, max_batch_bytes=self.max_batch_bytes)
+        plan.cpu.update({k: p.cpu_reason for k, p in enumerate(parsed) if p.cpu_reason is not None})
         cpu_futures = {k: pool.submit(self._decode_on_cpu, parsed[k].data, parsed[k].name) for k in plan.cpu}
         times = StageTimes()
         for p in parsed:
@@ -459,14 +642,13 @@ class GpuLoader:
             times.decode += p.decode
         redo: dict[int, str] = {}
         keep_alive: list = []
-        h, w = self.spec.size
         with cp.cuda.Device(self.device), slot.stream:
-            out = cp.empty((len(parsed), 1, h, w), dtype=self.output_dtype)
+            out = cp.empty((len(parsed), *self._item_shape), dtype=self.output_dtype)
             n = len(plan.gpu)
             if n:
                 host_inflate = self.inflate == "host"
                 slot.reserve(plan.inflated_bytes if host_inflate else plan.compressed_bytes,
-                             0 if host_inflate else plan.compressed_bytes, plan.inflated_bytes)
+                             0 if host_inflate else plan.compressed_bytes, plan.inflated_bytes, plan.scratch_bytes)
                 slot.upload_taps(self._taps)
                 # Pack into pinned memory in parallel (large memcpys release the GIL), then one H2D copy.
                 if host_inflate:
@@ -515,12 +697,22 @@ class GpuLoader:
         count = np.uint32(n)
         adler_jobs = cp.asarray(plan.adler_jobs.view(np.uint8))
         unfilter_jobs = cp.asarray(plan.unfilter_jobs.view(np.uint8))
-        resize_jobs = cp.asarray(plan.resize_jobs.view(np.uint8))
         # Adler-32 first: it covers the filtered bytes, which the unfilter overwrites in place.
         compiled.adler((n,), (ADLER_THREADS,), (adler_jobs, slot.inflated, slot.status, slot.adler_computed, count),
                       stream=stream)
         compiled.unfilter((n,), (UNFILTER_THREADS,), (unfilter_jobs, slot.inflated, slot.inflated, slot.status, count),
                          stream=stream)
+        if self._clip:
+            clip_jobs = cp.asarray(plan.clip_jobs.view(np.uint8))
+            taps, coeffs = slot.taps
+            size = self.spec.size
+            compiled.clip_first((math.ceil(plan.max_intermediate / CLIP_THREADS), n), (CLIP_THREADS,),
+                                (clip_jobs, count, slot.inflated, taps, coeffs, slot.scratch), stream=stream)
+            compiled.clip_second((math.ceil(size * size / CLIP_THREADS), n), (CLIP_THREADS,),
+                                 (clip_jobs, count, slot.scratch, taps, coeffs, self._clip_table, out,
+                                  np.int32(self.output_dtype == "float16"), np.uint32(size)), stream=stream)
+            return [adler_jobs, unfilter_jobs, clip_jobs]
+        resize_jobs = cp.asarray(plan.resize_jobs.view(np.uint8))
         h, w = self.spec.size
         i0, i1, w0, w1 = slot.taps
         grid = (math.ceil(h * w / RESIZE_THREADS), n)
@@ -554,7 +746,7 @@ class GpuLoader:
                 if error is not None:
                     errors[k] = error
                     continue
-                out[k, 0].set(pixels.astype(self.output_dtype, copy=False), stream=slot.stream)
+                out[k].set(pixels.astype(self.output_dtype, copy=False), stream=slot.stream)
                 ok.append(k)
             ok.sort()
             self.stats.failed += len(flight.parsed) - len(ok)
