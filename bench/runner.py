@@ -293,22 +293,8 @@ class _EndToEndSubject:
                               precision=config.precision, batch_size=batch_size, loader=config.loader)
         from iws_engine.pipeline_a import EvaXgbClassifier
 
-        classifier = EvaXgbClassifier(target=self.target, backend=config.backend, device=config.device,
-                                      precision=config.precision, batch_size=batch_size,
-                                      loader=config.loader or "cpu")
-        if config.is_cuda:
-            # The backends return as soon as EVA02's kernels are queued; XGBoost then waits for them
-            # inside its own clock. Waiting here first keeps `xgboost_seconds` XGBoost's time alone
-            # (the wait moves, it does not grow: XGBoost's result is read on the host right after).
-            features, sync = classifier.features, self.sync
-
-            def synchronised_features(inputs):
-                out = features(inputs)
-                sync()
-                return out
-
-            classifier.features = synchronised_features
-        return classifier
+        return EvaXgbClassifier(target=self.target, backend=config.backend, device=config.device,
+                                precision=config.precision, batch_size=batch_size, loader=config.loader or "cpu")
 
     @property
     def decode_workers(self) -> int | None:

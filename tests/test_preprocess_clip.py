@@ -2,7 +2,7 @@
 
 The module is checked against computations written out here (Pillow for decode and resize, NumPy
 and torch for the arithmetic), against facts of Pillow's loading that the paper's results depend
-on, and - where timm and torchvision import (the H100 machine) - against timm's own transform.
+on, and against timm's own transform (timm + torchvision pinned by .ci/setup; tests/timmtools.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from iws_engine.preprocess_clip import (
     preprocess_clip_reference,
     shorter_edge_resize,
 )
+from tests.timmtools import import_timm
 
 MEAN32 = np.asarray(OPENAI_CLIP_MEAN, np.float32)[:, None, None]
 STD32 = np.asarray(OPENAI_CLIP_STD, np.float32)[:, None, None]
@@ -181,13 +182,13 @@ def test_every_source_kind_gives_the_same_result(tmp_path) -> None:
 
 
 def test_matches_timms_own_eval_transform() -> None:
-    """Bit-exact against timm's transform for the paper's model (needs timm + torchvision)."""
-    try:
-        import timm
-        import timm.data
-    except Exception as e:  # ImportError, or RuntimeError from a torchvision that does not match torch
-        pytest.skip(f"timm does not import here ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                    "runs on the H100 machine")
+    """Bit-exact against timm's transform for the paper's model (timm + torchvision: pinned by .ci/setup).
+
+    The transform on a PIL image is torchvision's Python (Resize calls Pillow's resize; ToTensor and
+    Normalize are torch operations): it does not use torchvision's compiled operators, which cannot load on
+    the CPU machines (tests/timmtools.py:import_timm)."""
+    timm = import_timm()
+    import timm.data
     with torch.device("meta"):
         model = timm.create_model("eva02_large_patch14_448.mim_m38m_ft_in1k", pretrained=False)
     config = timm.data.resolve_model_data_config(model)

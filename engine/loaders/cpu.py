@@ -87,8 +87,8 @@ def load_clip_one(item: InputItem, name: str, spec, max_pixels: int, out: np.nda
     `Image.open(f).convert("RGB")`, then `preprocess_clip_reference`. `spec` is a ClipPreprocessSpec.
 
     Pillow opens other formats and decompression bombs, so this refuses them first; every failure is
-    a PngError naming `name`. (The GPU loader's fallback for a CLIP spec; pipeline_a.clip_png_preprocess
-    applies the same rules.)
+    a PngError naming `name`. (Pipeline A's CPU loader, through pipeline_a.clip_png_preprocess, and the
+    GPU loader's per-image fallback for a CLIP spec.)
     """
     import io
 
