@@ -403,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1:64:256", metavar="MIN:OPT:MAX", help="batch profile (default: %(default)s)")
     p.add_argument("-o", "--output", type=Path, metavar="DIR", help="default: artifacts/<model>-<backend>-<precision>")
     p.add_argument("--no-build", action="store_true", help="fail instead of (re)building when no fitting artefact exists")
-    p.add_argument("--calib", type=Path, metavar="DIR", help="calibration PNGs for --backend tensorrt --precision int8")
+    p.add_argument("--calib", type=Path, metavar="DIR",
+                   help="calibration PNGs for --backend tensorrt --precision int8 (entropy calibration) or fp8 "
+                        "(Q/DQ scales; default for fp8: synthetic probe vignettes)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("info", help="versions and available backends")

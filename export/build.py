@@ -54,6 +54,11 @@ class BatchProfile:
 #: pip distributions that may provide a library (TensorRT's runtime wheel is named per CUDA major)
 _DISTRIBUTIONS = {"tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")}
 CALIBRATION_CACHE = "calibration.cache"
+#: the FP8 Q/DQ graph a TensorRT fp8 engine is built from (+ its .data file for EVA02)
+FP8_ONNX = "model.fp8.onnx"
+#: fp8 without --calib calibrates on the target's probe vignettes drawn with this seed offset, so
+#: the parity gate never scores the images the scales came from
+FP8_PROBE_SEED_OFFSET = 1
 
 
 def environment(device: str) -> dict[str, str]:
@@ -187,9 +192,13 @@ def _build_tensorrt(target, precision: str, device: str, profile: BatchProfile, 
     trt_backend.import_tensorrt()  # the precise "not installed" reason before any work
     if not device.startswith("cuda"):
         raise BuildError("tensorrt builds need a CUDA device: pass --device cuda")
+    if precision == "fp8":  # refuse a pre-Ada GPU before minutes of calibration, not after
+        trt_backend.precision_flags(precision, trt_backend.gpu_compute_capability(device))
     onnx_path = export_onnx(target.source, out_dir / "model.onnx", input_shape=target.input_shape)
-    calibrator = None
-    if calib_files:
+    calibrator, quantization = None, None
+    if precision == "fp8" and not trt_backend.has_explicit_quantization(onnx_path):
+        onnx_path, quantization = quantize_onnx_fp8(target, onnx_path, out_dir, calib_files)
+    elif calib_files and precision == "int8":
         batch_size = min(profile.opt, len(calib_files))
         stream = trt_backend.CalibrationStream(calibration_inputs(calib_files, target, batch_size), batch_size)
         cache = trt_backend.CalibrationCache(out_dir / CALIBRATION_CACHE, calib_key)
@@ -198,7 +207,37 @@ def _build_tensorrt(target, precision: str, device: str, profile: BatchProfile, 
     spec = trt_backend.ProfileSpec.from_batch(profile.min, profile.opt, profile.max, target.input_shape)
     info = trt_backend.build_engine(onnx_path, engine, precision, spec, out_dir / "timing.cache",
                                     calibrator=calibrator, device=device)
+    if quantization is not None:
+        info["quantization"] = quantization
     return engine, info
+
+
+def quantize_onnx_fp8(target, onnx_path: Path, out_dir: Path, calib_files: list[str] | None) -> tuple[Path, dict]:
+    """The fp32 export → `FP8_ONNX` (FP8 Q/DQ, `export.quantize`); returns (its path, the manifest record).
+
+    Scales come from the --calib PNGs (through the model's own loader, as INT8 calibration) or,
+    without them, from the target's synthetic probe vignettes drawn with another seed than the
+    parity probes: a fallback that the record names as such.
+    """
+    from iws_engine.export.quantize import DEFAULT_BATCH_SIZE, quantize_fp8
+    from iws_engine.export.targets import PROBE_SEED
+
+    if calib_files:
+        batches = calibration_inputs(calib_files, target, DEFAULT_BATCH_SIZE)
+        source = {"source": "--calib", "files": len(calib_files)}
+    else:
+        seed = PROBE_SEED + FP8_PROBE_SEED_OFFSET
+        batches = [target.probe_inputs(target.default_probes, seed=seed)]
+        source = {"source": "probes", "seed": seed,
+                  "note": "fallback without --calib: synthetic probe vignettes (not the parity probes); "
+                          "pass --calib DIR with real images for production scales"}
+    out = Path(out_dir) / FP8_ONNX
+    try:
+        summary = quantize_fp8(onnx_path, out, batches)
+    except ValueError as e:
+        raise BuildError(f"fp8 quantization of {onnx_path} failed: {e}") from e
+    return out, {**summary, "calibration": {**summary["calibration"], **source}, "onnx": out.name,
+                 "onnx_sha256": _sha256(out)}
 
 
 def _build_torch_tensorrt(target, precision: str, device: str, profile: BatchProfile, out_dir: Path) -> Path:
@@ -225,7 +264,8 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
 
     `target`: the model (`export.targets.SarcnnTarget` or `Eva02XgbTarget`); default: SAR_CNN
     from `weights_path` (default: the embedded model). `calib_dir`: PNGs for TensorRT INT8
-    calibration, preprocessed as the model's pipeline does. `probes`: parity probe images
+    calibration or FP8 scales, preprocessed as the model's pipeline does (fp8 without them:
+    the target's probe vignettes, see `quantize_onnx_fp8`). `probes`: parity probe images
     (default: the target's).
     """
     from iws_engine import backends
@@ -238,8 +278,8 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
         raise BuildError("give the weights through the target, not also as weights_path")
     if precision not in PARITY_TOLERANCE:
         raise BuildError(f"unknown precision {precision!r}; choose from {', '.join(PARITY_TOLERANCE)}")
-    if calib_dir is not None and (backend, precision) != ("tensorrt", "int8"):
-        raise BuildError("--calib is only used by --backend tensorrt --precision int8")
+    if calib_dir is not None and (backend, precision) not in (("tensorrt", "int8"), ("tensorrt", "fp8")):
+        raise BuildError("--calib is only used by --backend tensorrt --precision int8 or fp8")
     calib_files = calibration_files(Path(calib_dir)) if calib_dir is not None else None
     calib_key = calibration_key(target.sha256, target.spec, calib_files) if calib_files else None
     if device.startswith("cuda"):
@@ -296,8 +336,9 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
         "artefact_sha256": _sha256(artefact) if artefact else None,
         "artefact_data": _external_data(artefact),
         "artefact_build": artefact_build,
-        "calibration": ({"key": calib_key, "images": len(calib_files), "cache": CALIBRATION_CACHE}
-                        if calib_files else None),
+        # fp8: no calibration cache; its scales are in artefact_build.quantization
+        "calibration": ({"key": calib_key, "images": len(calib_files),
+                         "cache": CALIBRATION_CACHE if precision == "int8" else None} if calib_files else None),
         "environment": env,
         "backend_info": info,
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

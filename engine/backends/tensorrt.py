@@ -8,7 +8,7 @@ The module is split into pure seams, tested on the CPU, and the TensorRT calls:
 - `precision_flags`: the BuilderFlags for a precision on a GPU of a given compute capability;
 - `CalibrationStream` / `CalibrationCache`: fixed-size INT8 calibration batches and their cache;
 - `build_engine`: ONNX → serialized engine (explicit batch, one optimisation profile, persistent
-  timing cache, optional INT8 entropy calibration);
+  timing cache, optional INT8 entropy calibration; FP8 Q/DQ graphs as strongly typed networks);
 - `TensorRTBackend`: deserializes an engine and runs it with `execute_async_v3` from torch CUDA
   buffers on a torch CUDA stream, one captured CUDA graph per fixed batch size.
 
@@ -121,7 +121,8 @@ def check_quantization(precision: str, onnx_path: str | Path, has_calibrator: bo
         return
     if precision == "fp8":
         raise BackendError(f"tensorrt backend: fp8 needs an explicitly quantized ONNX (Q/DQ nodes, e.g. from NVIDIA "
-                           f"ModelOpt); {onnx_path} has none and TensorRT has no FP8 calibration")
+                           f"ModelOpt); {onnx_path} has none and TensorRT has no FP8 calibration. `iws-engine build "
+                           "--backend tensorrt --precision fp8 [--calib DIR]` quantizes the export itself")
     if not has_calibrator:
         raise BackendError("tensorrt backend: int8 needs calibration data (iws-engine build --calib DIR) "
                            f"or an ONNX with Q/DQ nodes; {onnx_path} has none")
@@ -327,6 +328,15 @@ def _explicit_batch_flags(trt) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
 
 
+def _strongly_typed_flag(trt) -> int:
+    """The network creation flag for a strongly typed network (TensorRT >= 9.1)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        raise BackendError(f"TensorRT {trt.__version__} has no strongly typed networks, which fp8 (FP8 Q/DQ) "
+                           "builds use; this backend targets TensorRT 10.x")
+    return 1 << int(flag)
+
+
 def gpu_compute_capability(device: str = "cuda") -> tuple[int, int]:
     import torch
 
@@ -348,9 +358,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
     flags = precision_flags(precision, gpu_compute_capability(device))
     check_quantization(precision, onnx_path, calibrator is not None)
     started = time.perf_counter()
+    # FP8 Q/DQ graphs build as strongly typed networks, as TensorRT recommends (its ONNX parser warns
+    # about weak typing for Q/DQ other than INT8): every tensor keeps its ONNX type (float8 between
+    # Q and DQ, float32 elsewhere) and no precision flag may be set; `flags` only checked the GPU.
+    strongly_typed = precision == "fp8"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(_explicit_batch_flags(trt))
+    network = builder.create_network(_explicit_batch_flags(trt) | (_strongly_typed_flag(trt) if strongly_typed else 0))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the file, so external weight data is found
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -364,7 +378,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default; fp32 must mean fp32
-    for name in flags:
+    for name in ([] if strongly_typed else flags):
         config.set_flag(_builder_flag(trt, name))
     optimisation_profile = builder.create_optimization_profile()
     optimisation_profile.set_shape(input_name, *profile.shapes)
@@ -397,7 +411,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str,
     _atomic_write(engine_path, bytes(memoryview(serialized)))
     if timing_cache_path:
         _atomic_write(timing_cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    result = {"tensorrt": trt.__version__, "precision": precision, "builder_flags": flags,
+    result = {"tensorrt": trt.__version__, "precision": precision, "builder_flags": [] if strongly_typed else flags,
+              "strongly_typed": strongly_typed,
               "profile": [list(s) for s in profile.shapes], "workspace_gib": workspace_gib,
               "build_s": round(time.perf_counter() - started, 3), "timing_cache_reused": bool(previous_cache)}
     if calibrator is not None:
