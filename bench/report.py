@@ -153,7 +153,19 @@ def output_stem(result: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- Markdown
 
 def _mean_std(stat: Mapping[str, float], digits: int = 1) -> str:
+    """mean ± std with `digits` decimals, more for small values (EVA02-L on a CPU: 0.17 img/s, not 0.2)."""
+    mean = abs(stat["mean"])
+    if 0 < mean < 1:
+        digits = max(digits, 3)
+    elif mean < 10:
+        digits = max(digits, 2)
     return f"{stat['mean']:,.{digits}f} ± {stat['std']:,.{digits}f}"
+
+
+def _rate(value: float) -> str:
+    """A throughput with enough decimals to tell small ones apart (0.345, 2.61, 147.9, 3,396.1)."""
+    digits = 3 if abs(value) < 1 else 2 if abs(value) < 10 else 1
+    return f"{value:,.{digits}f}"
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -524,7 +536,7 @@ def _paper_section(figures: Sequence[Mapping[str, Any]], paper: Mapping[str, Map
     ]
     for f in figures:
         t = f["throughput_img_s"]
-        lines.append(f"| {f['what']} ({f['date']}, {f['commit']}) | {f['machine']} | {t:,.1f} | "
+        lines.append(f"| {f['what']} ({f['date']}, {f['commit']}) | {f['machine']} | {_rate(t)} | "
                      f"{t / gpu['throughput_img_s']:.3g} | {t / cpu['throughput_img_s']:.3g} | "
                      f"{_fmt(f['energy_mj_per_img_gross'], 1)} |")
     return lines + [""]
@@ -559,7 +571,7 @@ def _paper_section_a(figures: Sequence[Mapping[str, Any]], paper: Mapping[str, M
     ]
     for f in figures:
         t, share = f["throughput_img_s"], f.get("xgboost_share")
-        lines.append(f"| {f['what']} ({f['date']}, {f['commit']}) | {f['machine']} | {t:,.1f} | "
+        lines.append(f"| {f['what']} ({f['date']}, {f['commit']}) | {f['machine']} | {_rate(t)} | "
                      f"{t / gpu['throughput_img_s']:.3g} | {t / cpu['throughput_img_s']:.3g} | "
                      f"{'–' if share is None else f'{100 * share:.1f} %'} | "
                      f"{_fmt(f['energy_mj_per_img_gross'], 1)} | {_fmt(f.get('allocator_peak_mb'), 0)} |")
@@ -609,7 +621,7 @@ def render_report(results_dir: str | Path, out_path: str | Path, *, paper_data_d
         bests.append(("pipeline B", fastest(figures_b)))
     if figures_a:
         bests.append(("pipeline A", fastest([f for f in figures_a if f["mode"] == "e2e"] or figures_a)))
-    summary = "; ".join(f"{name}: **{f['throughput_img_s']:,.1f} img/s**, {f['what']} on {f['machine']}"
+    summary = "; ".join(f"{name}: **{_rate(f['throughput_img_s'])} img/s**, {f['what']} on {f['machine']}"
                         for name, f in bests)
     lines = ["# iws-engine benchmark report", "", f"Latest results from `{results_dir}`; best measured, {summary}.", ""]
     if figures_b:

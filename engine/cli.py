@@ -52,7 +52,7 @@ def _add_loader_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loader", choices=("cpu", "gpu", "dali"),
                    help="PNG decoding: gpu (inflate/unfilter/resize on the device, exact), cpu, or dali "
                         "(throughput baseline, not the model's preprocessing); default: gpu when CUDA, CuPy "
-                        "and nvCOMP are available, else cpu")
+                        "and nvCOMP are available, else cpu (eva02xgb: cpu, Pillow itself)")
 
 
 def _progress(total: int | None, desc: str, enabled: bool):
