@@ -69,21 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per pass (default: %(default)s)")
     parser.add_argument("--format", default="rgba16", choices=FORMATS, help="synthetic PNG format (default: %(default)s)")
     parser.add_argument("--size", type=size_wxh, default=(539, 528), metavar="WxH", help="synthetic PNG size (default: 539x528)")
-    # spelled as classify's model options (iws_engine.cli), without its backend/device/precision: --config sets those
-    from iws_engine.cli import EVA_CONFIGS
+    # spelled as classify's model options, without its backend/device/precision: --config sets those
+    from iws_engine.cli import add_model_choice_args
 
-    parser.add_argument("--model", metavar="NAME|FILE",
-                        help="the pipeline: sarcnn (Pipeline B, the default) or eva02xgb (Pipeline A: EVA02 + "
-                             "XGBoost); any other value is a SAR_CNN weights file, as --weights")
-    parser.add_argument("--weights", type=Path, metavar="FILE",
-                        help="SAR_CNN weights (.safetensors; default: the embedded model) or, with --model eva02xgb, "
-                             "EVA02 weights (default: random, untrained)")
-    parser.add_argument("--xgboost", type=Path, metavar="FILE",
-                        help="with --model eva02xgb: Pipeline A's XGBoost model (JSON), e.g. the paper's "
-                             "models/pipeline_a_xgboost.json; required")
-    parser.add_argument("--eva-config", default="large", choices=EVA_CONFIGS,
-                        help="with --model eva02xgb: EVA02 architecture; tiny is for tests and smoke runs only "
-                             "(default: %(default)s)")
+    add_model_choice_args(parser)
     parser.add_argument("--idle-seconds", type=_seconds, default=3.0, metavar="S",
                         help="GPU idle-power sampling before the runs, CUDA configurations only (default: %(default)s)")
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"), metavar="DIR",

@@ -18,8 +18,8 @@ EVA_CONFIGS = ("large", "tiny")  # iws_engine.pipeline_a.EVA_CONFIGS, without im
 
 
 # ----- argument groups shared by subcommands (same option, same spelling everywhere) -----
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
+def add_model_choice_args(g) -> None:
+    """--model, --weights, --xgboost, --eva-config: which pipeline and which files (classify, evaluate, bench)."""
     g.add_argument("--model", metavar="NAME|FILE",
                    help="the pipeline: sarcnn (Pipeline B, the default) or eva02xgb (Pipeline A: EVA02 + XGBoost); "
                         "any other value is a SAR_CNN weights file, as --weights (write ./eva02xgb for a file of "
@@ -33,6 +33,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eva-config", default="large", choices=EVA_CONFIGS,
                    help="with --model eva02xgb: EVA02 architecture; tiny (56 px, 2 blocks) is for tests and "
                         "smoke runs only (default: %(default)s)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    add_model_choice_args(g)
     g.add_argument("--backend", choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"),
                    help="inference backend (default: onnxruntime for sarcnn, the fastest on CPU; torch for eva02xgb)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")

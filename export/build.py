@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from iws_engine.export.weights import sha256_file
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -151,10 +153,6 @@ def gate(result: dict, precision: str) -> dict:
     return result
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def calibration_files(calib_dir: Path) -> list[str]:
     """The calibration PNGs under `calib_dir` (recursively, sorted); refuses an empty folder."""
     from iws_engine.pipeline import expand_inputs
@@ -171,7 +169,7 @@ def calibration_key(model_sha256: str, spec, files: list[str]) -> str:
     """What INT8 scales depend on: the model, its preprocessing and every calibration image's bytes."""
     h = hashlib.sha256(f"{model_sha256}\n{spec.to_json()}\n".encode())
     for f in files:
-        h.update(f"{Path(f).name}\n{_sha256(Path(f))}\n".encode())
+        h.update(f"{Path(f).name}\n{sha256_file(Path(f))}\n".encode())
     return h.hexdigest()
 
 
@@ -237,7 +235,7 @@ def quantize_onnx_fp8(target, onnx_path: Path, out_dir: Path, calib_files: list[
     except ValueError as e:
         raise BuildError(f"fp8 quantization of {onnx_path} failed: {e}") from e
     return out, {**summary, "calibration": {**summary["calibration"], **source}, "onnx": out.name,
-                 "onnx_sha256": _sha256(out)}
+                 "onnx_sha256": sha256_file(out)}
 
 
 def _build_torch_tensorrt(target, precision: str, device: str, profile: BatchProfile, out_dir: Path) -> Path:
@@ -333,7 +331,7 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
         "device": device,
         "batch_profile": str(profile),
         "artefact": artefact.name if artefact else None,
-        "artefact_sha256": _sha256(artefact) if artefact else None,
+        "artefact_sha256": sha256_file(artefact) if artefact else None,
         "artefact_data": _external_data(artefact),
         "artefact_build": artefact_build,
         # fp8: no calibration cache; its scales are in artefact_build.quantization
@@ -359,7 +357,7 @@ def _external_data(artefact: Path | None) -> dict[str, str] | None:
     if artefact is None:
         return None
     data = artefact.with_name(artefact.name + ".data")
-    return {data.name: _sha256(data)} if data.is_file() else None
+    return {data.name: sha256_file(data)} if data.is_file() else None
 
 
 def read_manifest(out_dir: Path) -> dict:
@@ -390,10 +388,10 @@ def load_artifacts(out_dir: Path, device: str = "cpu"):
     source = None
     if manifest.get("artefact"):
         source = out_dir / manifest["artefact"]
-        if _sha256(source) != manifest["artefact_sha256"]:
+        if sha256_file(source) != manifest["artefact_sha256"]:
             raise BuildError(f"{source}: artefact changed since the build (sha256 differs)")
         for name, digest in (manifest.get("artefact_data") or {}).items():
-            if _sha256(out_dir / name) != digest:
+            if sha256_file(out_dir / name) != digest:
                 raise BuildError(f"{out_dir / name}: artefact data changed since the build (sha256 differs)")
     backend = backends.create(manifest["backend"], precision=manifest["precision"], device=device)
     backend.load(source if source is not None else target.source, target.input_shape, target.output_shape)

@@ -13,11 +13,12 @@ is not SAR_CNN v2, saying what differs.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from iws_engine.export.weights import sha256_file
 
 CONVERTER_VERSION = "1.0.0"
 
@@ -326,14 +327,6 @@ def check_sarcnn_v2(ckpt: LuxCheckpoint) -> None:
         problems.append(f"BatchNorm epsilon differs between blocks: {sorted(eps)}")
     if problems:
         raise CheckpointError("checkpoint is not SAR_CNN v2: " + "; ".join(problems))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def import_lux(checkpoint: str | Path, output: str | Path, *, threshold: float = 0.47) -> dict[str, str]:

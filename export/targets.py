@@ -16,15 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from iws_engine.export.weights import sha256_file
+
 PROBE_SEED = 20261121
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _probe_png(index: int, seed: int) -> bytes:
@@ -34,7 +28,23 @@ def _probe_png(index: int, seed: int) -> bytes:
     return encode_png(render_vignette(np.random.default_rng([seed, index]), index % 2 == 0, 528, 539), "rgba16")
 
 
-class SarcnnTarget:
+class _Target:
+    """What both targets share: the fixed probe set, through each model's own preprocessing."""
+
+    input_shape: tuple[int, ...]
+
+    def preprocess_png(self, blob: bytes, out: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def probe_inputs(self, n: int, seed: int = PROBE_SEED) -> np.ndarray:
+        """Probes 0..n-1 (synthetic vignettes, `_probe_png`) preprocessed, (n, *input_shape) float32."""
+        out = np.empty((n, *self.input_shape), np.float32)
+        for i in range(n):
+            self.preprocess_png(_probe_png(i, seed), out[i])
+        return out
+
+
+class SarcnnTarget(_Target):
     """Pipeline B: SAR_CNN v2 from a weights file (default: the embedded model)."""
 
     model = "sarcnn"
@@ -82,13 +92,6 @@ class SarcnnTarget:
         preprocess_reference(decode_png(blob), self.spec, out=out[0])
         return out
 
-    def probe_inputs(self, n: int, seed: int = PROBE_SEED) -> np.ndarray:
-        """A fixed probe set through the reference preprocessing, (n, 1, 256, 256) float32."""
-        out = np.empty((n, *self.input_shape), np.float32)
-        for i in range(n):
-            self.preprocess_png(_probe_png(i, seed), out[i])
-        return out
-
     def scores(self, outputs: np.ndarray) -> np.ndarray:
         """Probabilities from the network's logits."""
         from iws_engine.backends.base import sigmoid
@@ -128,7 +131,7 @@ class SarcnnTarget:
         return target
 
 
-class Eva02XgbTarget:
+class Eva02XgbTarget(_Target):
     """Pipeline A: EVA02 (timm weights file, or a seeded random network) → softmax → XGBoost."""
 
     model = "eva02xgb"
@@ -148,13 +151,13 @@ class Eva02XgbTarget:
         config = eva02_config(eva_config)
         self.xgboost_path = Path(xgboost_path)
         self.xgboost = XGBoostStage(self.xgboost_path, device=xgboost_device)  # checks the file before 1.2 GB loads
-        self.xgboost_sha256 = _sha256(self.xgboost_path)
+        self.xgboost_sha256 = sha256_file(self.xgboost_path)
         self.weights_path = Path(weights_path) if weights_path is not None else None
         if self.weights_path is not None and not self.weights_path.is_file():
             raise ValueError(f"{self.weights_path}: no such EVA02 weights file")
         self._config = config
         self._eva = None  # loaded when a backend needs the network (an ONNX/TensorRT artefact does not)
-        self._weights_sha256 = _sha256(self.weights_path) if self.weights_path else None
+        self._weights_sha256 = sha256_file(self.weights_path) if self.weights_path else None
         self.spec = clip_spec_for(config.img_size)
         self.input_shape = (3, self.spec.size, self.spec.size)
 
@@ -206,13 +209,6 @@ class Eva02XgbTarget:
         from iws_engine.preprocess_clip import preprocess_clip_reference
 
         preprocess_clip_reference(blob, self.spec, out=out)
-        return out
-
-    def probe_inputs(self, n: int, seed: int = PROBE_SEED) -> np.ndarray:
-        """The same probe vignettes through Pillow + timm preprocessing, (n, 3, S, S) float32."""
-        out = np.empty((n, *self.input_shape), np.float32)
-        for i in range(n):
-            self.preprocess_png(_probe_png(i, seed), out[i])
         return out
 
     def scores(self, outputs) -> np.ndarray:

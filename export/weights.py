@@ -117,6 +117,16 @@ def load(path: str | Path) -> LoadedWeights:
     return LoadedWeights(tensors=tensors, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
 
 
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 16 MiB chunks (EVA02 weights are 1.2 GB): the identity used in model ids,
+    manifests and caches."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def default_weights_path() -> Path:
     """The embedded default SAR_CNN weights shipped inside the package."""
     from importlib.resources import files

@@ -18,7 +18,7 @@ def test_build_onnxruntime_writes_manifest_and_passes_parity(random_weights, tmp
                     profile=build.BatchProfile(1, 4, 16))
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == m
-    assert (out / "model.onnx").is_file() and m["artefact_sha256"] == build._sha256(out / "model.onnx")
+    assert (out / "model.onnx").is_file() and m["artefact_sha256"] == build.sha256_file(out / "model.onnx")
     assert m["parity"]["passed"] and m["parity"]["max_abs_dp"] <= 1e-4 and m["parity"]["decision_agreement"] == 1.0
     assert m["batch_profile"] == "1:4:16" and m["environment"]["onnxruntime"] and m["preprocess"]["size"] == [256, 256]
     # a second build with the same key is a cache hit: nothing is rewritten

@@ -140,8 +140,9 @@ def test_build_eva02xgb_onnxruntime_manifest_cache_and_classify(tiny_eva02_weigh
     assert m["threshold"] == PIPELINE_A_THRESHOLD
     assert m["output"]["shape"] == ["batch", 1000] and m["input"]["shape"] == ["batch", *TINY_INPUT]
     assert m["preprocess"]["size"] == 56 and m["preprocess"]["interpolation"] == "pil-bicubic"
-    assert m["xgboost_sha256"] == build._sha256(xgboost_model)
-    assert m["artefact"] == "model.onnx" and m["artefact_data"] == {"model.onnx.data": build._sha256(out / "model.onnx.data")}
+    assert m["xgboost_sha256"] == build.sha256_file(xgboost_model)
+    assert m["artefact"] == "model.onnx"
+    assert m["artefact_data"] == {"model.onnx.data": build.sha256_file(out / "model.onnx.data")}
     parity = m["parity"]
     assert parity["passed"] and parity["probes"] == 6 and parity["max_abs_dfeature"] <= 1e-4
     assert parity["max_abs_dp"] <= 1e-4 and parity["decision_agreement"] == 1.0

@@ -16,7 +16,6 @@ data-dependent control flow.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from iws_engine.export.weights import sha256_file
 
 #: The timm checkpoint the IWS paper's Pipeline A used.
 TIMM_MODEL_NAME = "eva02_large_patch14_448.mim_m38m_ft_in1k"
@@ -361,7 +362,7 @@ def load_eva02_weights(path: str | os.PathLike[str], config: Eva02Config | None 
         )
     model.load_state_dict(state, strict=True, assign=True)
     model.rope.reset_tables()  # non-persistent, so still on the meta device
-    return LoadedEva02(model=model.eval(), trained=True, source=str(path), sha256=_sha256(path))
+    return LoadedEva02(model=model.eval(), trained=True, source=str(path), sha256=sha256_file(path))
 
 
 def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -372,10 +373,3 @@ def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
     classes = shapes.get("head.weight", ("?",))[0]
     return f"embed_dim {width}, depth {depth}, {tokens} tokens, {classes} classes"
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
