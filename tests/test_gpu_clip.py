@@ -310,18 +310,25 @@ def test_replay_equals_pillow_on_synthetic_vignettes() -> None:
         np.testing.assert_array_equal(out[k], preprocess_clip_reference(data))
 
 
+def format_pngs(rng, shapes, color_type: int, bit_depth: int, gama_height: int) -> list[bytes]:
+    """Random PNGs of one format at each (h, w); 16-bit grey has its top half in 0..299 (Pillow saturates
+    at 255), and images `gama_height` high carry a gAMA chunk, which Pillow ignores."""
+    datas = []
+    for h, w in shapes:
+        pixels = random_pixels(rng, h, w, color_type, bit_depth)
+        if color_type == 0 and bit_depth == 16:
+            pixels[: (h + 1) // 2] = rng.integers(0, 300, pixels[: (h + 1) // 2].shape)
+        datas.append(make_png(pixels, color_type, bit_depth, extra=gama(100_000) if h == gama_height else b""))
+    return datas
+
+
 @pytest.mark.parametrize("color_type, bit_depth", GPU_FORMATS)
 def test_replay_equals_pillow_on_every_format_and_geometry(color_type: int, bit_depth: int) -> None:
     """Distinct channels; landscape (horizontal first), portrait (vertical first in Pillow 13), upscaled,
     exact size, square, 1-pixel edges, one axis unchanged; gAMA that Pillow ignores."""
     rng = np.random.default_rng(200 + color_type * 17 + bit_depth)
     shapes = [(60, 70), (100, 37), (10, 15), (24, 24), (30, 30), (1, 4), (7, 1), (24, 50), (90, 24)]
-    datas = []
-    for h, w in shapes:
-        pixels = random_pixels(rng, h, w, color_type, bit_depth)
-        if color_type == 0 and bit_depth == 16:
-            pixels[: (h + 1) // 2] = rng.integers(0, 300, pixels[: (h + 1) // 2].shape)
-        datas.append(make_png(pixels, color_type, bit_depth, extra=gama(100_000) if h == 30 else b""))
+    datas = format_pngs(rng, shapes, color_type, bit_depth, gama_height=30)
     geometry = [clip_geometry(w, h, SMALL)[0] for h, w in shapes]
     assert any(vertical_first(w, h, *g) for (h, w), g in zip(shapes, geometry))  # both pass orders are exercised
     assert not all(vertical_first(w, h, *g) for (h, w), g in zip(shapes, geometry))
@@ -487,12 +494,7 @@ def test_gpu_clip_loader_on_synthetic_vignettes(cuda, inflate: str) -> None:
 def test_gpu_clip_loader_every_format_and_geometry(cuda, inflate: str, color_type: int, bit_depth: int) -> None:
     rng = np.random.default_rng(300 + color_type * 17 + bit_depth)
     shapes = [(528, 539), (1000, 449), (200, 300), (448, 448), (1, 3), (600, 449), (2048, 700)]
-    datas = []
-    for h, w in shapes:
-        pixels = random_pixels(rng, h, w, color_type, bit_depth)
-        if color_type == 0 and bit_depth == 16:
-            pixels[: (h + 1) // 2] = rng.integers(0, 300, pixels[: (h + 1) // 2].shape)
-        datas.append(make_png(pixels, color_type, bit_depth, extra=gama(100_000) if h == 200 else b""))
+    datas = format_pngs(rng, shapes, color_type, bit_depth, gama_height=200)
     loader = GpuLoader(EVA02_L448_SPEC, batch_size=3, inflate=inflate)
     inputs, errors, _ = collect_clip(loader, datas, 448)
     assert errors == {} and loader.stats.on_gpu == len(datas) and loader.stats.redone_on_cpu == 0
