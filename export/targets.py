@@ -167,8 +167,8 @@ class Eva02XgbTarget(_Target):
         from iws_engine.export.models.eva02 import load_eva02_weights, random_eva02
 
         if self._eva is None:
-            self._eva = (load_eva02_weights(self.weights_path, self._config) if self.weights_path
-                         else random_eva02(self._config, self.seed))
+            self._eva = (load_eva02_weights(self.weights_path, self._config, sha256=self._weights_sha256)
+                         if self.weights_path else random_eva02(self._config, self.seed))
         return self._eva
 
     @property

@@ -338,11 +338,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("rope.")}
 
 
-def load_eva02_weights(path: str | os.PathLike[str], config: Eva02Config | None = None) -> LoadedEva02:
+def load_eva02_weights(path: str | os.PathLike[str], config: Eva02Config | None = None, *,
+                       sha256: str | None = None) -> LoadedEva02:
     """An eval-mode float32 EVA02 with timm's weights for `config` (default: Large/14-448).
 
     The model is built on the meta device and the file's tensors are assigned to it, so the
-    305 M parameters are held once and no random initialisation is spent.
+    305 M parameters are held once and no random initialisation is spent. `sha256`: the file's,
+    when the caller has already hashed it (1.2 GB is not read twice for it).
     """
     path = Path(path)
     config = config or Eva02Config()
@@ -362,7 +364,7 @@ def load_eva02_weights(path: str | os.PathLike[str], config: Eva02Config | None 
         )
     model.load_state_dict(state, strict=True, assign=True)
     model.rope.reset_tables()  # non-persistent, so still on the meta device
-    return LoadedEva02(model=model.eval(), trained=True, source=str(path), sha256=sha256_file(path))
+    return LoadedEva02(model=model.eval(), trained=True, source=str(path), sha256=sha256 or sha256_file(path))
 
 
 def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
