@@ -20,8 +20,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from iws_engine.backends.base import Backend, BackendError, cpu_cores
 from iws_engine.backends.torch_support import plan_graph_batch, to_device_tensor, write_output
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from iws_engine.backends.base import Backend, BackendError, cpu_cores
 from iws_engine.backends.torch_support import strict_fp32, to_device_tensor, write_output
 

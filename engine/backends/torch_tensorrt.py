@@ -16,8 +16,6 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from iws_engine.backends.base import Backend, BackendError
 from iws_engine.backends.torch_support import to_device_tensor, write_output
 
