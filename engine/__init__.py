@@ -7,7 +7,7 @@ TensorRT, CuPy, nvCOMP, DALI, pynvml) are imported inside the modules that need 
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Classifier", "classify", "EvaXgbClassifier"]
+__all__ = ["__version__", "Classifier", "classify", "EvaXgbClassifier", "BatchingClassifier"]
 
 
 def __getattr__(name):  # PEP 562: keep `import iws_engine` cheap
@@ -19,4 +19,8 @@ def __getattr__(name):  # PEP 562: keep `import iws_engine` cheap
         from iws_engine import pipeline_a
 
         return pipeline_a.EvaXgbClassifier
+    if name == "BatchingClassifier":  # one model shared by many threads/tasks, dynamic batching
+        from iws_engine import batching
+
+        return batching.BatchingClassifier
     raise AttributeError(f"module 'iws_engine' has no attribute {name!r}")

@@ -154,7 +154,9 @@ class CpuLoader:
         # the reference writes one grey (H, W) plane: the single channel of `out` (1, H, W)
         return load_one(item, name, self.spec, self.max_pixels, out[0])
 
-    def _work(self, item, name: str) -> tuple[np.ndarray | None, str | None, StageTimes]:
+    def load_item(self, item, name: str) -> tuple[np.ndarray | None, str | None, StageTimes]:
+        """One input's model input, or (None, error naming `name`); never raises for a bad input.
+        (Used per batch here, and per request by iws_engine.batching.)"""
         from iws_engine.loaders.png import PngError
 
         out = np.empty(self.item_shape, dtype=np.float32)
@@ -183,7 +185,7 @@ class CpuLoader:
                     except StopIteration:
                         return
                     name = _label(item, index)
-                    pending.append((name, pool.submit(self._work, item, name)))
+                    pending.append((name, pool.submit(self.load_item, item, name)))
                     index += 1
 
             fill()
