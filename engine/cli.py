@@ -115,25 +115,30 @@ def _artifacts_pipeline(args) -> str | None:
     return read_manifest(args.artifacts).get("model", "sarcnn")
 
 
-def run_classify(inputs, args, output: str | None, progress: bool):
-    """Classify `inputs`, stream rows to `output`; returns (rows written, failed, stats, classifier info)."""
+def build_classifier(args):
+    """The Classifier or EvaXgbClassifier that classify's model and loading options ask for (classify, serve)."""
     from iws_engine.api import Classifier
-    from iws_engine.outputs import RowWriter
-    from iws_engine.pipeline import expand_inputs
 
     pipeline, weights = resolve_model(args)
     built_for = _artifacts_pipeline(args)
     if built_for is not None and getattr(args, "model", None) in PIPELINES and built_for != pipeline:
         raise ValueError(f"--artifacts {args.artifacts} was built for --model {built_for}, not {pipeline}")
     pipeline = built_for or pipeline
-    items = list(expand_inputs(inputs))
     if pipeline == "eva02xgb":
-        clf = _eva_xgb_classifier(args, weights)
-    else:
-        clf = Classifier(weights, backend=args.backend or "onnxruntime", device=args.device, precision=args.precision,
-                         batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
-                         workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None),
-                         loader=getattr(args, "loader", None))
+        return _eva_xgb_classifier(args, weights)
+    return Classifier(weights, backend=args.backend or "onnxruntime", device=args.device, precision=args.precision,
+                      batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
+                      workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None),
+                      loader=getattr(args, "loader", None))
+
+
+def run_classify(inputs, args, output: str | None, progress: bool):
+    """Classify `inputs`, stream rows to `output`; returns (rows written, failed, stats, classifier info)."""
+    from iws_engine.outputs import RowWriter
+    from iws_engine.pipeline import expand_inputs
+
+    items = list(expand_inputs(inputs))
+    clf = build_classifier(args)
     failed = 0
     with clf, RowWriter(output or "-") as writer, _progress(len(items), "classify", progress) as bar:
         for row in clf.classify(items):
@@ -412,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration PNGs for --backend tensorrt --precision int8 (entropy calibration) or fp8 "
                         "(Q/DQ scales; default for fp8: synthetic probe vignettes)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="serve the model over HTTP (KServe v2 / Triton protocol), batching requests")
+    _add_model_args(p)
+    _add_loader_args(p)
+    p.add_argument("--threshold", type=_threshold, help="decision threshold (default: the model's, as classify)")
+    from iws_engine import serve
+
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.run)
 
     p = sub.add_parser("info", help="versions and available backends")
     p.set_defaults(func=cmd_info)

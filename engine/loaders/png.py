@@ -34,7 +34,7 @@ try:  # optional: a faster inflate (libdeflate); zlib is the fallback and the er
 except ImportError:  # pragma: no cover - depends on the install
     _libdeflate = None
 
-__all__ = ["PngError", "PngInfo", "parse_png", "inflate_idat", "decode_png", "decode_png_file"]
+__all__ = ["PngError", "PngInfo", "png_dimensions", "parse_png", "inflate_idat", "decode_png", "decode_png_file"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_UINT31 = 2**31 - 1
@@ -122,6 +122,16 @@ def _pass_sizes(width: int, height: int, interlace: int) -> list[tuple[int, int]
 
 def _raw_size(width: int, height: int, bits_per_pixel: int, interlace: int) -> int:
     return sum(h * (1 + _row_bytes(w, bits_per_pixel)) for w, h in _pass_sizes(width, height, interlace))
+
+
+def png_dimensions(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(width, height) from a PNG's leading IHDR without parsing further, or None when `data` does not start
+    like a PNG (then decode_png says what is wrong). For cheap request-level limits (iws_engine.serve)."""
+    head = bytes(data[:24])
+    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height
 
 
 def _check_ihdr(body: memoryview, max_pixels: int, path) -> tuple[int, int, int, int, int]:
