@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import math
 import struct
@@ -62,7 +63,7 @@ class RequestError(Exception):
 class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_MB * 1024 * 1024
     max_images: int = DEFAULT_MAX_IMAGES
-    max_pixels: int = 64_000_000
+    max_pixels: int | None = None  # None: the loader's max_pixels (one limit for the server and the decoder)
 
 
 @dataclass
@@ -292,7 +293,9 @@ def build_app(batcher, *, model_name: str = "iws", limits: Limits | None = None)
     """The aiohttp application serving `batcher` (a BatchingClassifier) as model `model_name`."""
     from aiohttp import web
 
-    limits = limits or Limits()
+    limits = dataclasses.replace(limits or Limits())
+    if limits.max_pixels is None:
+        limits.max_pixels = batcher.classifier.loader.max_pixels
     state = _State(batcher, model_name, limits)
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=[_error_middleware(state)])
     app["iws"] = state
