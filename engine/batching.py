@@ -325,9 +325,8 @@ class BatchingClassifier:
         return Row(request.name, None, None, self.threshold, self.model_id, error)
 
     def _finish(self, request: _Request, row: Row | None) -> None:
-        """Resolve `request` with `row` (None: it was cancelled) and account for it."""
-        if row is not None:
-            request.future.set_result(row)
+        """Account for `request`, then resolve it with `row` (None: it was cancelled), so that stats() read
+        after a result never lags behind it."""
         with self._lock:
             c = self._counters
             if row is None:
@@ -338,3 +337,5 @@ class BatchingClassifier:
                 c.latencies.append(time.monotonic() - request.submitted)
             self._unfinished -= 1
             self._ready_changed.notify()
+        if row is not None:
+            request.future.set_result(row)
