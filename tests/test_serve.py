@@ -328,3 +328,12 @@ def test_sigterm_finishes_accepted_requests(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_server_stack_is_imported_only_when_serving():
+    code = ("import sys, iws_engine, iws_engine.cli, iws_engine.serve, iws_engine.batching; "
+            "iws_engine.cli.build_parser(); "
+            "print(sorted(m for m in ('aiohttp', 'tritonclient', 'torch', 'onnxruntime') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
