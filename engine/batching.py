@@ -10,7 +10,8 @@ Requests from every caller go into one bounded queue. A dispatcher thread starts
 in the loader's threads (`CpuLoader.load_item`, the same decode + preprocessing and error messages as
 `classify`) as soon as a slot is free; decoded requests wait in a ready pool, and the inference thread
 takes up to `max_batch_size` of them, waiting at most `max_queue_delay_ms` (from the oldest ready
-request) for a batch to fill, not at all when a full batch is ready. Decoding thus overlaps the previous
+request) for a batch to fill: not at all when a full batch is ready, nor once every accepted request is
+ready (none queued or decoding could join; only a new submission could). Decoding thus overlaps the previous
 batch's inference, and a slow or bad input only delays itself: a batch is formed from inputs that are
 already decoded, and a bad one resolves its own future with an error row at once.
 """
@@ -53,7 +54,6 @@ class _Request:
     submitted: float
     deadline: float | None  # time.monotonic() by which the request must have started, or None
     inputs: np.ndarray | None = None
-    times: object = None
     ready_at: float = 0.0
 
 
@@ -127,6 +127,8 @@ class BatchingClassifier:
         self._slots = threading.Semaphore(self.max_inflight)
         self._unfinished = 0
         self._closed = False
+        self._close_lock = threading.Lock()
+        self._shut_down = False
         self._sequence = 0
         self._counters = _Counters()
         self._decoders = ThreadPoolExecutor(self._loader.workers, thread_name_prefix="iws-decode")
@@ -211,18 +213,20 @@ class BatchingClassifier:
 
     def close(self) -> None:
         """Refuse new requests, finish every accepted one, then free the backend (when built here)."""
-        with self._lock:
-            if self._closed and not self._dispatcher.is_alive() and not self._inference.is_alive():
+        with self._close_lock:
+            if self._shut_down:
                 return
-            self._closed = True
-            self._queue_not_empty.notify_all()
-            self._queue_not_full.notify_all()  # blocked submitters raise BatcherClosed
-            self._ready_changed.notify_all()
-        self._dispatcher.join()
-        self._inference.join()
-        self._decoders.shutdown(wait=True)
-        if self._owns_classifier:
-            self.classifier.close()
+            with self._lock:
+                self._closed = True
+                self._queue_not_empty.notify_all()
+                self._queue_not_full.notify_all()  # blocked submitters raise BatcherClosed
+                self._ready_changed.notify_all()
+            self._dispatcher.join()
+            self._inference.join()
+            self._decoders.shutdown(wait=True)
+            if self._owns_classifier:
+                self.classifier.close()
+            self._shut_down = True
 
     def __enter__(self) -> "BatchingClassifier":
         return self
@@ -271,14 +275,14 @@ class BatchingClassifier:
     def _decode(self, request: _Request) -> None:
         """In a loader thread: decode + preprocess; a bad input resolves at once, a good one joins the pool."""
         try:
-            inputs, error, times = self._loader.load_item(request.item, request.name)
-        except BaseException as e:  # load_item reports bad inputs itself; this is a last resort
-            inputs, error, times = None, f"{request.name}: internal error while decoding ({type(e).__name__}: {e})", None
+            inputs, error, _ = self._loader.load_item(request.item, request.name)
+        except Exception as e:  # load_item reports bad inputs itself; this is a last resort
+            inputs, error = None, f"{request.name}: internal error while decoding ({type(e).__name__}: {e})"
         if inputs is None:
             self._slots.release()
             self._finish(request, self._error_row(request, error, prefixed=True))
             return
-        request.inputs, request.times, request.ready_at = inputs, times, time.monotonic()
+        request.inputs, request.ready_at = inputs, time.monotonic()
         with self._lock:
             self._ready.append(request)
             self._ready_changed.notify()
@@ -293,6 +297,8 @@ class BatchingClassifier:
                     return
                 fill_by = self._ready[0].ready_at + self.max_queue_delay
                 while len(self._ready) < self.max_batch_size and not self._closed:
+                    if self._unfinished == len(self._ready):  # nothing queued or decoding could join
+                        break
                     remaining = fill_by - time.monotonic()
                     if remaining <= 0:
                         break
@@ -303,11 +309,11 @@ class BatchingClassifier:
             self._infer(batch)
 
     def _infer(self, batch: list[_Request]) -> None:
-        inputs = np.stack([r.inputs for r in batch])
-        for r in batch:
-            r.inputs = None  # the stacked copy is all that is needed now
         clf = self.classifier
         try:
+            inputs = np.stack([r.inputs for r in batch])
+            for r in batch:
+                r.inputs = None  # the stacked copy is all that is needed now
             # the pipeline's own row making: one batch of decoded inputs -> rows in order
             rows = list(rows_from_batches([Batch(items=[r.name for r in batch], inputs=inputs,
                                                  ok=list(range(len(batch))))],

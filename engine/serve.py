@@ -160,6 +160,8 @@ def parse_infer_request(body: bytes, header_length: str | None, limits: Limits) 
             if not isinstance(data, list) or len(data) != count:
                 raise RequestError(400, f"input {INPUT_NAME!r}: 'data' must be a list of {count} base64 strings "
                                         "(or send binary data)")
+            if count and all(isinstance(e, list) and len(e) == 1 for e in data):  # shape [N, 1], nested
+                data = [e[0] for e in data]
             images = []
             for i, element in enumerate(data):
                 try:
@@ -485,6 +487,8 @@ class ServerThread:
 
     def stop(self) -> None:
         """Graceful: stop accepting, finish the requests in flight, return when the server has stopped."""
+        if self._thread.ident is None:  # never started
+            return
         if self._loop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join()
@@ -554,7 +558,11 @@ def run(args) -> int:
 
             await serve_until(app, args.host, args.port, stop, on_started=started)
 
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        except OSError as e:  # the address is taken, or not ours to bind
+            print(f"iws-engine serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+            return EXIT_USAGE
         stats = batcher.stats()
     print(f"iws-engine serve: stopped after {stats['completed']} images in {stats['batches']} batches "
           f"({stats['errors']} errors)", file=sys.stderr, flush=True)
