@@ -337,3 +337,12 @@ def test_server_stack_is_imported_only_when_serving():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_cli_serve_usage_errors(server):
+    from tests.conftest import run_cli
+
+    r = run_cli("serve", "--loader", "dali")
+    assert r.returncode == 2 and "decodes per request on the cpu loader" in r.stderr
+    r = run_cli("serve", "--port", str(server.port))  # taken by the test server
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in r.stderr
