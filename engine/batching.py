@@ -36,6 +36,7 @@ from iws_engine.pipeline import rows_from_batches
 
 PIPELINES = ("sarcnn", "eva02xgb")
 LATENCY_WINDOW = 10_000  # latency percentiles are over the last this many requests
+DEADLINE_SWEEP_S = 0.05  # while the dispatcher waits for a slot, it times out expired queued requests this often
 
 
 class BatcherClosed(RuntimeError):
@@ -250,7 +251,15 @@ class BatchingClassifier:
                 continue
             if self._expired(request):
                 continue
-            self._slots.acquire()
+            acquired = False
+            while not acquired:  # a request past its deadline is answered now, not when a slot frees
+                acquired = self._slots.acquire(timeout=DEADLINE_SWEEP_S)
+                if not acquired:
+                    self._sweep_expired()
+                    if self._expired(request):
+                        break
+            if not acquired:
+                continue
             if self._expired(request):
                 self._slots.release()
                 continue
@@ -259,6 +268,22 @@ class BatchingClassifier:
             except RuntimeError as e:  # the pool is gone: cannot happen before close() joins us
                 self._slots.release()
                 self._finish(request, self._error_row(request, f"internal error ({e})"))
+
+    def _sweep_expired(self) -> None:
+        """Take the queued requests whose deadline has passed out of the queue and answer them."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [r for r in self._queue if r.deadline is not None and r.deadline < now]
+            if not expired:
+                return
+            gone = set(map(id, expired))
+            self._queue = deque(r for r in self._queue if id(r) not in gone)
+            self._queue_not_full.notify(len(expired))
+        for request in expired:
+            if request.future.set_running_or_notify_cancel():
+                self._expired(request)
+            else:
+                self._finish(request, None)
 
     def _expired(self, request: _Request) -> bool:
         """Resolve `request` with a timeout row when it can no longer start before its deadline."""
