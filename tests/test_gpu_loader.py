@@ -963,3 +963,17 @@ def test_dali_baseline_parity_is_reported(cuda) -> None:
     parity = DaliLoader(SPEC, batch_size=2).parity(datas)
     assert parity["images"] == 4
     print(f"DALI baseline vs preprocess_reference: {parity}")  # a throughput baseline, not the spec
+
+
+def test_dali_loader_module_imports_and_validates_inputs_without_dali(tmp_path) -> None:
+    """The DALI loader's host side (reading and validating an input) runs without DALI or a GPU."""
+    from iws_engine.loaders.dali import DaliLoader
+
+    loader = DaliLoader.__new__(DaliLoader)  # the host-side checks need no pipeline
+    loader.max_pixels = 64_000_000
+    data, err, _ = loader._read_and_validate(str(tmp_path / "missing.png"), "missing.png")
+    assert data is None and "missing.png" in err and "cannot read file" in err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    data, err, _ = loader._read_and_validate(str(bad), "bad.png")
+    assert data is None and "bad.png" in err

@@ -25,8 +25,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from iws_engine.backends.base import cpu_cores
-from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, Batch, StageTimes, _label, load_one
-from iws_engine.loaders.gpu import LoaderError, _read_item
+from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, Batch, StageTimes, _label, load_one, read_input
+from iws_engine.loaders.gpu import LoaderError
 from iws_engine.loaders.png import PngError, parse_png
 from iws_engine.preprocess import PreprocessSpec
 
@@ -86,7 +86,7 @@ class DaliLoader:
     def _read_and_validate(self, item, name: str) -> tuple[bytes | None, str | None, float]:
         t0 = time.perf_counter()
         try:
-            data = _read_item(item, name)
+            data = bytes(read_input(item, name))
             parse_png(data, path=name, max_pixels=self.max_pixels)
             return data, None, time.perf_counter() - t0
         except PngError as e:
