@@ -439,7 +439,7 @@ def run_local(out_dir: Path, todo: list[int], options: dict, *, processes: int, 
                     elif kind == "shard_error":
                         shard, w.shard = w.shard, None
                         yield ("failed", shard, payload[0])
-                if w.process.is_alive() or w.conn.poll():
+                if w.process.is_alive():  # (a dying worker's pipe reads EOF before it can be joined)
                     continue
                 w.process.join()
                 why = f"worker process {w.process.pid} died (exit {w.process.exitcode})"
