@@ -44,6 +44,7 @@ LOCK = "_lock"
 PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 TMP_RE = re.compile(r"^\.(part-\d{6,}\.parquet|_inventory\.parquet|_run\.json)\.tmp-\d+$")
 DEFAULT_SHARD_SIZE = 2000  # ~40 s of one core: small enough to lose little to a crash, large enough to amortise
+MIN_SHARDS = 64  # smaller passes get smaller shards (not below 16 inputs), so that every worker has work
 MAX_ATTEMPTS = 3  # a shard whose worker died this many times is reported failed
 RECORD_FORMAT = 1
 EXIT_OK, EXIT_INPUT_ERRORS, EXIT_USAGE, EXIT_OUTPUT = 0, 1, 2, 3
@@ -182,8 +183,14 @@ def source_chunks(sources: Iterable[str | Path]):
                                  "text lists or Parquet lists with a 'path' column") from None
 
 
-def build_inventory(sources: list[str], shard_size: int):
-    """(image_id, path, shard) of every distinct input, sorted by path; returns (table, duplicates dropped)."""
+def default_shard_size(images: int) -> int:
+    """DEFAULT_SHARD_SIZE, or less for a pass too small to give MIN_SHARDS shards of that size."""
+    return min(DEFAULT_SHARD_SIZE, max(16, -(-images // MIN_SHARDS)))
+
+
+def build_inventory(sources: list[str], shard_size: int | None = None):
+    """(image_id, path, shard) of every distinct input, sorted by path; returns (table, duplicates dropped,
+    shard size); `shard_size` None: default_shard_size."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -197,9 +204,10 @@ def build_inventory(sources: list[str], shard_size: int):
         differs = pc.not_equal(paths.slice(1), paths.slice(0, n - 1)).to_numpy(zero_copy_only=False)
         paths = paths.filter(pa.array(np.concatenate([[True], differs])))
     image_id = np.arange(len(paths), dtype=np.int64)
+    shard_size = shard_size or default_shard_size(len(paths))
     table = pa.table({"image_id": image_id, "path": paths.cast(pa.string()) if paths.nbytes < 2**31 - 1 else paths,
                       "shard": (image_id // shard_size).astype(np.int32)})
-    return table, n - len(paths)
+    return table, n - len(paths), shard_size
 
 
 def write_inventory(out_dir: Path, table, shard_size: int) -> None:
@@ -610,7 +618,6 @@ def _run_locked(sources, args, out_dir, engine, processes, shard_size, progress_
         if visible:
             raise UsageError(f"{out_dir}: not empty and not a reprocess output ({', '.join(sorted(visible)[:3])} ...)"
                              "; give an empty or new OUT_DIR")
-        shard_size = shard_size or DEFAULT_SHARD_SIZE
         record = {"format": RECORD_FORMAT, "model": identity, "sources": sources, "shard_size": shard_size,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": []}
     else:
@@ -634,7 +641,8 @@ def _run_locked(sources, args, out_dir, engine, processes, shard_size, progress_
     inventory = out_dir / INVENTORY
     if "inventory" not in record or not inventory.is_file():
         t0 = time.perf_counter()
-        table, duplicates = build_inventory(sources, shard_size)
+        table, duplicates, shard_size = build_inventory(sources, record.get("shard_size"))
+        record["shard_size"] = shard_size
         write_inventory(out_dir, table, shard_size)
         record["inventory"] = {"images": len(table), "shards": math.ceil(len(table) / shard_size),
                                "duplicates_dropped": duplicates, "sha256": sha256_path(inventory),
@@ -667,9 +675,10 @@ def _run_locked(sources, args, out_dir, engine, processes, shard_size, progress_
     if engine == "ray":
         from iws_engine.reprocess_ray import run_ray
 
-        events, cores_used = run_ray(out_dir, todo, options, address=ray_address, processes=processes,
-                                     device=args.device)
-        run["ray_address"] = ray_address
+        events, n_proc, threads = run_ray(out_dir, todo, options, address=ray_address, processes=processes,
+                                          device=args.device)
+        cores_used = n_proc * threads
+        run.update(ray_address=ray_address, processes=n_proc, threads=threads)
     else:
         n_proc, threads = plan_processes(processes, cores)
         cores_used = n_proc * threads
@@ -677,8 +686,8 @@ def _run_locked(sources, args, out_dir, engine, processes, shard_size, progress_
         events = run_local(out_dir, todo, options, processes=n_proc, threads=threads)
     run["cores"] = cores_used
     say(f"reprocess: {len(todo)} of {n_shards} shards to do ({sum(counts[k] for k in todo)} images), engine "
-        f"{engine}, {cores_used} cores" + (f", {run['processes']} processes x {run['threads']} threads"
-                                           if engine == "local" else ""))
+        f"{engine}, {cores_used} cores, {run['processes']} " + ("processes" if engine == "local" else "actors")
+        + f" x {run['threads']} threads")
     output_error = None
     try:
         for event in events:
@@ -768,7 +777,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes, each with its own model (local default: one per core, single-threaded; "
                         "ray default: one per cluster CPU, or one per GPU with --device cuda)")
     g.add_argument("--shard-size", type=positive_int, metavar="N",
-                   help=f"inputs per shard, fixed when OUT_DIR is created (default: {DEFAULT_SHARD_SIZE})")
+                   help=f"inputs per shard, fixed when OUT_DIR is created (default: {DEFAULT_SHARD_SIZE}, less for "
+                        f"passes under {MIN_SHARDS} x {DEFAULT_SHARD_SIZE} inputs, so that there are {MIN_SHARDS} "
+                        "shards)")
     g.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local process pool (default) or a Ray cluster (pip install 'iws-engine[ray]')")
     g.add_argument("--ray-address", metavar="ADDR",

@@ -31,8 +31,8 @@ class ShardWorker:
 
 
 def run_ray(out_dir: Path, todo: list[int], options: dict, *, address: str | None, processes: int | None,
-            device: str, threads: int = 1, max_attempts: int = MAX_ATTEMPTS) -> tuple[Iterator[tuple], int]:
-    """(events as run_local's, CPU cores used). Joins `address` (or the Ray already initialised in this process,
+            device: str, threads: int = 1, max_attempts: int = MAX_ATTEMPTS) -> tuple[Iterator[tuple], int, int]:
+    """(events as run_local's, actors, CPU threads per actor). Joins `address` (or the Ray already initialised in this process,
     or starts a local one)."""
     try:
         import ray
@@ -52,8 +52,7 @@ def run_ray(out_dir: Path, todo: list[int], options: dict, *, address: str | Non
         n_actors = processes or max(1, int(resources.get("CPU", 1)) // threads)
         actor_options = {"num_cpus": threads}
     n_actors = min(n_actors, max(len(todo), 1))
-    cores = n_actors * threads
-    return _drive(ray, out_dir, todo, options, threads, n_actors, actor_options, max_attempts), cores
+    return _drive(ray, out_dir, todo, options, threads, n_actors, actor_options, max_attempts), n_actors, threads
 
 
 def _drive(ray, out_dir, todo, options, threads, n_actors, actor_options, max_attempts) -> Iterator[tuple]:

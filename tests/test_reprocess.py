@@ -242,7 +242,7 @@ def peak_kib():
 from iws_engine.reprocess import build_inventory, write_inventory
 import pyarrow, pyarrow.compute, pyarrow.parquet
 before = peak_kib(); t0 = time.perf_counter()
-table, dropped = build_inventory([{str(tmp_path / 'list.txt')!r}, {str(tmp_path / 'list.parquet')!r}], 2000)
+table, dropped, _ = build_inventory([{str(tmp_path / 'list.txt')!r}, {str(tmp_path / 'list.parquet')!r}], 2000)
 write_inventory(Path({str(tmp_path)!r}), table, 2000)
 print(len(table), dropped, time.perf_counter() - t0, peak_kib() - before)
 """
@@ -261,8 +261,16 @@ print(len(table), dropped, time.perf_counter() - t0, peak_kib() - before)
 
 
 def test_inventory_is_the_same_for_the_same_sources(vignettes, tmp_path):
-    a, _ = build_inventory([str(vignettes)], 4)
-    b, _ = build_inventory([str(vignettes / "2020"), str(vignettes / "2019")], 4)
+    a, _, _ = build_inventory([str(vignettes)], 4)
+    b, _, _ = build_inventory([str(vignettes / "2020"), str(vignettes / "2019")], 4)
     assert a.equals(b)
     write_inventory(tmp_path, a, 4)
     assert pq.ParquetFile(tmp_path / INVENTORY).read_row_group(2).column("image_id").to_pylist() == [8, 9, 10, 11]
+
+
+def test_default_shard_size_gives_small_passes_enough_shards():
+    from iws_engine.reprocess import DEFAULT_SHARD_SIZE, default_shard_size
+
+    assert default_shard_size(17_000_000) == DEFAULT_SHARD_SIZE
+    assert default_shard_size(1000) == 16 and default_shard_size(10) == 16
+    assert default_shard_size(64 * 100) == 100
