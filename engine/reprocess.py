@@ -380,6 +380,7 @@ class _Worker:
     process: Any
     conn: Any
     shard: int | None = None
+    reported: int = 0  # images of `shard` already counted by "progress" events
 
 
 def run_local(out_dir: Path, todo: list[int], options: dict, *, processes: int, threads: int,
@@ -435,10 +436,11 @@ def run_local(out_dir: Path, todo: list[int], options: dict, *, processes: int, 
                     except (EOFError, OSError):
                         break
                     if kind == "progress":
+                        w.reported += payload[0]
                         yield ("progress", payload[0])
                     elif kind == "done":
                         deaths_without_progress = 0
-                        w.shard = None
+                        w.shard, w.reported = None, 0
                         yield ("done", payload[0])
                     elif kind == "output":
                         raise OutputError(payload[0])
@@ -452,6 +454,8 @@ def run_local(out_dir: Path, todo: list[int], options: dict, *, processes: int, 
                 w.process.join()
                 why = f"worker process {w.process.pid} died (exit {w.process.exitcode})"
                 deaths_without_progress += 1
+                if w.reported:  # its shard's images will be counted again when it is redone
+                    yield ("progress", -w.reported)
                 if w.shard is not None:
                     attempts[w.shard] = attempts.get(w.shard, 0) + 1
                     if attempts[w.shard] >= max_attempts:
@@ -576,10 +580,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def plan_processes(processes: int | None, cores: int) -> tuple[int, int]:
-    """(processes, threads each) so that processes x threads = cores (one single-threaded process per core by
-    default: one GIL and one decoder pool per core)."""
-    processes = processes or cores
+def plan_processes(processes: int | None, cores: int, device: str = "cpu") -> tuple[int, int]:
+    """(processes, threads each) so that processes x threads = cores: on the CPU one single-threaded process per
+    core by default (one GIL and one decoder pool per core); on a GPU one process, every core decoding for it."""
+    processes = processes or (1 if str(device).startswith("cuda") else cores)
     return processes, max(1, cores // processes)
 
 
@@ -665,7 +669,8 @@ def _run_locked(sources, args, out_dir, engine, processes, shard_size, progress_
         return PassResult(n_images, record["counts"]["failed_inputs"], [], 0, time.perf_counter() - t_start,
                           record["runs"][-1]["cores"] if record["runs"] else cores, True, record)
 
-    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "engine": engine, "backend": args.backend,
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "engine": engine,
+           "backend": args.backend or ("torch" if identity["model"] == "eva02xgb" else "onnxruntime"),
            "device": args.device, "versions": library_versions(), "shards_todo": len(todo)}
     options = worker_options(args)
     progress = Progress(n_images, sum(counts[k] for k in done), progress_bar)
@@ -680,7 +685,7 @@ def _run_locked(sources, args, out_dir, engine, processes, shard_size, progress_
         cores_used = n_proc * threads
         run.update(ray_address=ray_address, processes=n_proc, threads=threads)
     else:
-        n_proc, threads = plan_processes(processes, cores)
+        n_proc, threads = plan_processes(processes, cores, args.device)
         cores_used = n_proc * threads
         run.update(processes=n_proc, threads=threads)
         events = run_local(out_dir, todo, options, processes=n_proc, threads=threads)
@@ -775,6 +780,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pass")
     g.add_argument("--processes", type=positive_int, metavar="N",
                    help="worker processes, each with its own model (local default: one per core, single-threaded; "
+                        "with --device cuda one; "
                         "ray default: one per cluster CPU, or one per GPU with --device cuda)")
     g.add_argument("--shard-size", type=positive_int, metavar="N",
                    help=f"inputs per shard, fixed when OUT_DIR is created (default: {DEFAULT_SHARD_SIZE}, less for "

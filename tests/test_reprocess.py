@@ -274,3 +274,41 @@ def test_default_shard_size_gives_small_passes_enough_shards():
     assert default_shard_size(17_000_000) == DEFAULT_SHARD_SIZE
     assert default_shard_size(1000) == 16 and default_shard_size(10) == 16
     assert default_shard_size(64 * 100) == 100
+
+
+@pytest.mark.reference
+def test_eva02xgb_pass_equals_its_classifier_and_its_xgboost_file_is_part_of_the_model(vignettes,
+                                                                                      tiny_eva02_weights, tmp_path,
+                                                                                      capsys):
+    import shutil
+
+    from iws_engine.cli import build_parser
+    from iws_engine.pipeline import expand_inputs
+    from iws_engine.pipeline_a import EvaXgbClassifier
+    from iws_engine.reprocess import run_pass
+    from tests.conftest import XGBOOST_MODEL, require
+
+    xgb = tmp_path / "xgb.json"
+    shutil.copy(require(XGBOOST_MODEL), xgb)
+    source, out = vignettes / "2019", tmp_path / "eva"
+
+    def args(*extra):
+        return build_parser().parse_args(["reprocess", str(source), "-o", str(out), "--model", "eva02xgb",
+                                          "--eva-config", "tiny", "--weights", str(tiny_eva02_weights),
+                                          "--xgboost", str(xgb), "--no-progress", *extra])
+
+    result = run_pass([str(source)], args(), out, processes=1, log=lambda message: None)
+    assert result.failed_inputs == 1 and not result.failed_shards  # empty.png
+    paths = sorted(expand_inputs([source]))
+    with EvaXgbClassifier(xgb, tiny_eva02_weights, eva_config="tiny") as clf:
+        expected = {r.path: r.score for r in clf.classify(paths)}
+    for row in dataset(out).to_pylist():
+        assert row["score"] == pytest.approx(expected[row["path"]], abs=1e-5) if row["score"] is not None \
+            else expected[row["path"]] is None
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["model"]["model"] == "eva02xgb" and record["model"]["xgboost_sha256"]
+    with open(xgb, "a") as f:  # the same trees, another file: another model identity
+        f.write("\n")
+    assert main(["reprocess", str(source), "-o", str(out), "--model", "eva02xgb", "--eva-config", "tiny",
+                 "--weights", str(tiny_eva02_weights), "--xgboost", str(xgb), "--no-progress"]) == 2
+    assert "xgboost_sha256" in capsys.readouterr().err
