@@ -115,7 +115,9 @@ def test_rerun_of_a_finished_pass_is_a_noop(reference, vignettes):
 
 
 def test_sigkill_of_the_whole_pass_at_random_points_then_resume(reference, vignettes, tmp_path):
-    rng = random.Random(int(os.environ.get("IWS_KILL_SEED", time.time_ns() % 10_000)))
+    seed = int(os.environ.get("IWS_KILL_SEED", time.time_ns() % 10_000))
+    print(f"kill times drawn with IWS_KILL_SEED={seed}")  # shown when the test fails: rerun with it
+    rng = random.Random(seed)
     out = tmp_path / "killed"
     shards = len(parts(reference))
     progressed = []
