@@ -460,8 +460,8 @@ def run_local(out_dir: Path, todo: list[int], options: dict, *, processes: int, 
                     attempts[w.shard] = attempts.get(w.shard, 0) + 1
                     if attempts[w.shard] >= max_attempts:
                         yield ("failed", w.shard, f"{why}; tried {attempts[w.shard]} times")
-                    else:
-                        pending.append(w.shard)
+                    else:  # retried first: a shard that kills its worker every time is known failed soon
+                        pending.appendleft(w.shard)
                         yield ("retry", w.shard, why)
                 if deaths_without_progress > max_attempts * max(processes, 1) + 2:
                     raise UsageError(f"worker processes keep dying before finishing any shard ({why})")

@@ -179,6 +179,31 @@ def test_worker_killed_alone_is_replaced_and_its_shard_retried(reference, vignet
     assert dataset(out).equals(dataset(reference))
 
 
+def test_a_shard_whose_worker_keeps_dying_is_reported_failed_and_redone_by_a_rerun(reference, vignettes, tmp_path):
+    out = tmp_path / "poisoned"
+    proc = start(vignettes, "-o", out, "--shard-size", SHARD, "--processes", 1)
+    killed: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(killed) < 3 and time.monotonic() < deadline:  # each worker dies holding shard 0, 3 times
+            for pid in set(_worker_pids(proc.pid)) - killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            time.sleep(0.01)
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert len(killed) == 3 and proc.returncode == 1, log
+    assert "shard 0 failed" in log and "tried 3 times" in log and "1 shards not done: [0]" in log, log
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["status"] == "incomplete" and record["counts"]["failed_shards"] == [0]
+    assert "part-000000.parquet" not in parts(out) and len(parts(out)) == len(parts(reference)) - 1
+    r = reprocess(vignettes, "-o", out)  # the rerun redoes the failed shard only
+    assert r.returncode == 1 and "1 of 13 shards to do" in r.stderr, r.stderr
+    assert dataset(out).equals(dataset(reference))
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 48 KiB tmpfs: room for the inventory, the run record and a few shards, then ENOSPC."""
