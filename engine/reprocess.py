@@ -601,8 +601,6 @@ def run_pass(sources: list[str], args, out_dir: Path, *, engine: str = "local", 
     except PermissionError as e:
         raise OutputError(f"{out_dir}: cannot write here ({e.strerror})") from None
     except OSError as e:
-        if isinstance(e, UsageError):
-            raise
         raise OutputError(f"{out_dir}: {e.strerror or e}") from None
     try:
         return _run_locked(sources, args, out_dir, engine, processes, shard_size, progress_bar, ray_address,
@@ -648,6 +646,10 @@ def _run_locked(sources, args, out_dir, engine, processes, shard_size, progress_
         table, duplicates, shard_size = build_inventory(sources, record.get("shard_size"))
         record["shard_size"] = shard_size
         write_inventory(out_dir, table, shard_size)
+        if "inventory" in record and sha256_path(inventory) != record["inventory"]["sha256"]:
+            inventory.unlink()
+            raise UsageError(f"{inventory} was missing, and the SOURCEs now list other inputs than when the pass "
+                             "began: give a new OUT_DIR")
         record["inventory"] = {"images": len(table), "shards": math.ceil(len(table) / shard_size),
                                "duplicates_dropped": duplicates, "sha256": sha256_path(inventory),
                                "seconds": time.perf_counter() - t0}
