@@ -427,7 +427,10 @@ def run_local(out_dir: Path, todo: list[int], options: dict, *, processes: int, 
             for w in workers:
                 if w.shard is None and pending:
                     w.shard = pending.popleft()
-                    w.conn.send(w.shard)
+                    try:
+                        w.conn.send(w.shard)
+                    except OSError:  # it died already: handled with its shard below, once it can be joined
+                        pass
             wait([w.conn for w in workers] + [w.process.sentinel for w in workers], timeout=1.0)
             for w in list(workers):
                 while w.conn.poll():

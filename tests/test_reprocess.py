@@ -163,10 +163,12 @@ def test_worker_killed_alone_is_replaced_and_its_shard_retried(reference, vignet
     proc = start(vignettes, "-o", out, "--shard-size", SHARD, "--processes", 2)
     try:
         deadline = time.monotonic() + 120
-        while not (out.exists() and parts(out)) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        victims = _worker_pids(proc.pid)
-        assert victims, "no worker process found"
+        victims = []
+        while len(victims) < 2 and time.monotonic() < deadline:  # each worker is sent its shard as it starts
+            time.sleep(0.01)
+            victims = _worker_pids(proc.pid)
+        assert len(victims) == 2, "the two worker processes did not start"
+        time.sleep(random.uniform(0.0, 0.5))  # still loading its model (~2 s), its first shard in hand
         os.kill(victims[0], signal.SIGKILL)
         log, _ = proc.communicate(timeout=240)
     finally:
