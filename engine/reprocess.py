@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
-import hashlib
 import json
 import math
 import os
