@@ -1,7 +1,10 @@
 """``iws-engine project``: the paper's operational projections (Tables 5-7) for a throughput.
 
-    iws-engine project (--throughput IMG_PER_S | --from BENCH.json) [--daily N] [--archive N]
-                       [--retrains 2,4] [--json]
+    iws-engine project (--throughput IMG_PER_S | --from BENCH.json | --from OUT_DIR [--cores N])
+                       [--daily N] [--archive N] [--retrains 2,4] [--json]
+
+--from OUT_DIR reads the run record (_run.json) of an `iws-engine reprocess` pass; with --cores N its per-core
+rate (per_core_img_s) is scaled to N cores, e.g. a 56-core server from a pass measured on 2.
 
 Prints a Markdown table (or the JSON of :func:`iws_engine.bench.projection.project` with --json).
 """
@@ -40,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--throughput", type=positive_float, metavar="IMG_PER_S",
                         help="measured throughput in images per second")
     source.add_argument("--from", dest="bench_json", type=Path, metavar="BENCH_JSON",
-                        help="read the throughput from a bench JSON (ours or the paper's *_inference.json)")
+                        help="read the throughput from a bench JSON (ours or the paper's *_inference.json), or "
+                             "from a reprocess OUT_DIR (its _run.json)")
+    parser.add_argument("--cores", type=positive_int, metavar="N",
+                        help="with --from a reprocess run: its per-core rate (per_core_img_s) times N cores")
     parser.add_argument("--throughput-key", metavar="DOTTED.PATH",
                         help="where the throughput is in BENCH_JSON (default: try the known layouts)")
     parser.add_argument("--daily", type=positive_int, default=DEFAULT_DAILY_IMAGES, metavar="N",
@@ -56,8 +62,17 @@ def run(args: argparse.Namespace) -> int:
     """Print the projection; 0 on success, 2 on unusable input (message on stderr)."""
     volumes = {"daily_images": args.daily, "archive_images": args.archive, "retrains": args.retrains}
     try:
-        if args.bench_json is not None:
-            result = project_from_bench(args.bench_json, key=args.throughput_key, **volumes)
+        bench_json = args.bench_json
+        if bench_json is not None and bench_json.is_dir():
+            bench_json = bench_json / "_run.json"  # a reprocess OUT_DIR
+        if getattr(args, "cores", None) is not None:
+            if bench_json is None:
+                raise ValueError("--cores scales the per-core rate of a reprocess run: give --from OUT_DIR")
+            result = project_from_bench(bench_json, key=args.throughput_key or "per_core_img_s", **volumes)
+            result = project(result["throughput_img_s"] * args.cores, source=f"{bench_json}: per-core rate "
+                             f"{result['throughput_img_s']:.4g} img/s x {args.cores} cores", **volumes)
+        elif bench_json is not None:
+            result = project_from_bench(bench_json, key=args.throughput_key, **volumes)
         else:
             result = project(args.throughput, **volumes)
     except (OSError, ValueError, KeyError) as error:

@@ -91,7 +91,7 @@ def resolve_model(args) -> tuple[str, Path | None]:
     return "sarcnn", Path(model)
 
 
-def _eva_xgb_classifier(args, weights: Path | None):
+def _eva_xgb_classifier(args, weights: Path | None, threads: int | None = None):
     """Pipeline A from the command line (EVA02 on any backend, or a built artefact, then XGBoost)."""
     from iws_engine.pipeline_a import EvaXgbClassifier
 
@@ -103,7 +103,7 @@ def _eva_xgb_classifier(args, weights: Path | None):
                             backend=args.backend or "torch", device=args.device, precision=args.precision,
                             batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
                             workers=args.workers, max_pixels=args.max_pixels, artifacts=artifacts,
-                            loader=getattr(args, "loader", None) or "cpu")
+                            loader=getattr(args, "loader", None) or "cpu", threads=threads)
 
 
 def _artifacts_pipeline(args) -> str | None:
@@ -115,21 +115,27 @@ def _artifacts_pipeline(args) -> str | None:
     return read_manifest(args.artifacts).get("model", "sarcnn")
 
 
-def build_classifier(args):
-    """The Classifier or EvaXgbClassifier that classify's model and loading options ask for (classify, serve)."""
-    from iws_engine.api import Classifier
-
+def resolve_pipeline(args) -> tuple[str, Path | None]:
+    """(pipeline, weights) the model options name, an --artifacts folder's manifest winning."""
     pipeline, weights = resolve_model(args)
     built_for = _artifacts_pipeline(args)
     if built_for is not None and getattr(args, "model", None) in PIPELINES and built_for != pipeline:
         raise ValueError(f"--artifacts {args.artifacts} was built for --model {built_for}, not {pipeline}")
-    pipeline = built_for or pipeline
+    return built_for or pipeline, weights
+
+
+def make_classifier(args, threads: int | None = None):
+    """The classifier that the model and loading options describe (classify, evaluate and reprocess workers);
+    `threads`: the backend's CPU threads (default: all cores)."""
+    from iws_engine.api import Classifier
+
+    pipeline, weights = resolve_pipeline(args)
     if pipeline == "eva02xgb":
-        return _eva_xgb_classifier(args, weights)
+        return _eva_xgb_classifier(args, weights, threads)
     return Classifier(weights, backend=args.backend or "onnxruntime", device=args.device, precision=args.precision,
                       batch_size=args.batch_size, threshold=getattr(args, "threshold", None),
                       workers=args.workers, max_pixels=args.max_pixels, artifacts=getattr(args, "artifacts", None),
-                      loader=getattr(args, "loader", None))
+                      loader=getattr(args, "loader", None), threads=threads)
 
 
 def run_classify(inputs, args, output: str | None, progress: bool):
@@ -137,8 +143,9 @@ def run_classify(inputs, args, output: str | None, progress: bool):
     from iws_engine.outputs import RowWriter
     from iws_engine.pipeline import expand_inputs
 
+    resolve_pipeline(args)  # option conflicts are refused before the inputs are listed
     items = list(expand_inputs(inputs))
-    clf = build_classifier(args)
+    clf = make_classifier(args)
     failed = 0
     with clf, RowWriter(output or "-") as writer, _progress(len(items), "classify", progress) as bar:
         for row in clf.classify(items):
@@ -325,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT", help="results .csv, .jsonl or .parquet (default: CSV on stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("reprocess", help="the archive pass: every input once into a Parquet dataset, resumable, "
+                                         "on every core or a Ray cluster")
+    from iws_engine import reprocess
+
+    reprocess.add_arguments(p)
+    _add_model_args(p)
+    _add_loader_args(p)
+    p.set_defaults(func=reprocess.cmd_reprocess)
 
     p = sub.add_parser("import-lux", help="convert the IWS Lux.jl checkpoint (JLD2) to safetensors")
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT.jld2")

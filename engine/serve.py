@@ -522,7 +522,7 @@ def run(args) -> int:
     import signal
 
     from iws_engine.batching import BatchingClassifier
-    from iws_engine.cli import EXIT_OK, EXIT_USAGE, build_classifier
+    from iws_engine.cli import EXIT_OK, EXIT_USAGE, make_classifier
 
     try:
         import aiohttp  # noqa: F401
@@ -535,7 +535,7 @@ def run(args) -> int:
         return EXIT_USAGE
     args.loader = "cpu"
     try:
-        clf = build_classifier(args)
+        clf = make_classifier(args)
     except (ValueError, RuntimeError) as e:
         print(f"iws-engine serve: {e}", file=sys.stderr)
         return EXIT_USAGE
