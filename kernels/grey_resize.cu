@@ -71,9 +71,13 @@ __device__ __forceinline__ u32 resized_code(const u8* row0, const u8* row1, u32 
 }
 
 __device__ __forceinline__ u16 float_to_half_bits(float v) {
+#ifdef IWS_CUDA_CPU_EMULATION  // kernels/cuda_cpu_emulation.h (tests): PTX cannot run on the CPU; same rounding
+    return cuda_cpu::float_to_half_rn_bits(v);
+#else
     u16 bits;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(v));
     return bits;
+#endif
 }
 
 extern "C" __global__ void grey_resize_normalise(
