@@ -24,7 +24,7 @@
 // The harness protocol (stdin, one command per line; all numbers decimal):
 //   buffer <id> <bytes> <path>        load a device buffer from a file (written back after the launches)
 //   poison <id> <offset> <bytes>      AddressSanitizer builds: make these bytes of a buffer unaddressable
-//   launch <entry> <gx> <gy> <gz> <bx> <by> <bz> <nargs>, then nargs lines:
+//   launch <entry> <gx> <gy> <gz> <bx> <by> <bz> <nargs> <independent blocks: 0|1>, then nargs lines:
 //   ptr <id> <offset>                 a pointer argument into a buffer
 //   val <f|i|u> <bytes> <hex>         a scalar argument, its bytes in memory order (little-endian)
 #pragma once
@@ -34,8 +34,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
-#include <condition_variable>
+#include <atomic>
+#include <climits>
 #include <cstdint>
 #include <fstream>
 #include <functional>
@@ -77,35 +81,36 @@ struct dim3 {
 
 // A reusable barrier that also checks that every arrival in one round comes from the same kind of point
 // (a __syncthreads() or the end of the block): a mix means some thread skipped a __syncthreads().
+// Atomics order the memory (ThreadSanitizer follows them); a futex on the round number does the sleeping, so a
+// released thread needs no lock (hundreds of threads on two cores: a mutex would make every round a convoy).
 class Barrier {
 public:
     explicit Barrier(unsigned count) : count_(count) {}
     void wait(int kind, const char* where) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        if (arrived_ == 0) {
-            kind_ = kind;
-        } else if (kind != kind_) {
-            fatal(std::string("a barrier was not reached by every thread of the block (") + where +
-                  "): divergent __syncthreads() or warp operation");
-        }
-        if (++arrived_ == count_) {
-            arrived_ = 0;
-            ++generation_;
-            lock.unlock();
-            ready_.notify_all();
+        const unsigned round = round_.load(std::memory_order_acquire);
+        kinds_.fetch_or(1u << kind, std::memory_order_relaxed);
+        if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == count_) {
+            const unsigned kinds = kinds_.exchange(0, std::memory_order_relaxed);
+            if (kinds & (kinds - 1)) {
+                fatal(std::string("a barrier was not reached by every thread of the block (") + where +
+                      "): divergent __syncthreads() or warp operation");
+            }
+            arrived_.store(0, std::memory_order_relaxed);
+            round_.fetch_add(1, std::memory_order_release);
+            syscall(SYS_futex, (unsigned*)&round_, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
             return;
         }
-        const unsigned long long generation = generation_;
-        ready_.wait(lock, [&] { return generation_ != generation; });
+        while (round_.load(std::memory_order_acquire) == round) {
+            syscall(SYS_futex, (unsigned*)&round_, FUTEX_WAIT_PRIVATE, round, nullptr, nullptr, 0);
+        }
     }
 
 private:
-    std::mutex mutex_;
-    std::condition_variable ready_;
-    unsigned count_;
-    unsigned arrived_ = 0;
-    int kind_ = -1;
-    unsigned long long generation_ = 0;
+    static_assert(sizeof(std::atomic<unsigned>) == sizeof(unsigned), "the futex word is the atomic itself");
+    const unsigned count_;
+    std::atomic<unsigned> arrived_{0};
+    std::atomic<unsigned> kinds_{0};
+    std::atomic<unsigned> round_{0};
 };
 
 enum BarrierKind { SYNCTHREADS = 0, BLOCK_END = 1, WARP = 2 };
@@ -312,8 +317,10 @@ inline unsigned short float_to_half_rn_bits(float v) {
 
 // ----- launching -----
 
-// Runs fn() for every thread of every block: blocks one after the other, a block's threads concurrently.
-inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn) {
+// Runs fn() for every thread of every block: a block's threads concurrently, blocks one after the other. With
+// `independent_blocks` (the caller knows the kernel has no __shared__ storage and no barrier: nothing could tell
+// the difference) a thread goes on to its part of the next block without waiting for the others.
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn, bool independent_blocks) {
     const unsigned threads = block.x * block.y * block.z;
     if (threads == 0 || threads > 1024) fatal("block of " + std::to_string(threads) + " threads (CUDA: 1..1024)");
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) fatal("empty grid");
@@ -334,7 +341,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& fn) {
                         blockIdx = uint3{x, y, z};
                         fn();
                         // No thread starts the next block (and its __shared__ storage) before all have left this one.
-                        shared_state.barrier.wait(BLOCK_END, "end of block");
+                        if (!independent_blocks) shared_state.barrier.wait(BLOCK_END, "end of block");
                     }
         });
     }
@@ -355,7 +362,7 @@ struct Argument {
     std::vector<unsigned char> bytes;
 };
 
-using Entry = std::function<void(dim3, dim3, std::map<int, Buffer>&, const std::vector<Argument>&)>;
+using Entry = std::function<void(dim3, dim3, std::map<int, Buffer>&, const std::vector<Argument>&, bool)>;
 
 inline std::map<std::string, Entry>& registry() {
     static std::map<std::string, Entry> entries;
@@ -391,13 +398,13 @@ template <class... Params>
 struct Registrar {
     Registrar(const char* name, void (*kernel)(Params...)) {
         registry()[name] = [kernel, name](dim3 grid, dim3 block, std::map<int, Buffer>& buffers,
-                                          const std::vector<Argument>& args) {
+                                          const std::vector<Argument>& args, bool independent_blocks) {
             if (args.size() != sizeof...(Params)) {
                 fatal(std::string(name) + ": " + std::to_string(args.size()) + " arguments for " +
                       std::to_string(sizeof...(Params)) + " parameters");
             }
             auto values = convert(buffers, args, std::index_sequence_for<Params...>{});
-            launch(grid, block, [&] { std::apply(kernel, values); });
+            launch(grid, block, [&] { std::apply(kernel, values); }, independent_blocks);
         };
     }
     template <size_t... I>
@@ -447,7 +454,8 @@ inline int harness_main(int, char**) {
             std::string entry;
             dim3 grid, block;
             size_t count;
-            in >> entry >> grid.x >> grid.y >> grid.z >> block.x >> block.y >> block.z >> count;
+            int independent_blocks = 0;
+            in >> entry >> grid.x >> grid.y >> grid.z >> block.x >> block.y >> block.z >> count >> independent_blocks;
             std::vector<Argument> args(count);
             for (Argument& arg : args) {
                 if (!std::getline(std::cin, line)) fatal("missing argument lines");
@@ -469,7 +477,7 @@ inline int harness_main(int, char**) {
             }
             auto found = registry().find(entry);
             if (found == registry().end()) fatal("no kernel named " + entry + " in this executable");
-            found->second(grid, block, buffers, args);
+            found->second(grid, block, buffers, args, independent_blocks != 0);
         } else {
             fatal("unknown command: " + command);
         }

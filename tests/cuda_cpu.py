@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -109,6 +110,13 @@ def file_of(entry: str) -> str:
     raise KeyError(f"no kernel file defines {entry}")
 
 
+@lru_cache(maxsize=None)
+def uses_block_sync(file: str) -> bool:
+    """Whether a kernel file (its headers included) has __shared__ storage or a barrier: then the emulation
+    runs its blocks strictly one after the other; otherwise a thread may run ahead into its next block."""
+    return re.search(r"__shared__|__syncthreads|__syncwarp|_sync\s*\(", kernels.source(file)) is not None
+
+
 def _dims(shape) -> list[int]:
     dims = [int(v) for v in (shape if isinstance(shape, tuple | list) else (shape,))]
     return (dims + [1, 1, 1])[:3]
@@ -161,7 +169,8 @@ def launch(entry: str, grid, block, args, *, sanitizer: str = "asan", poison=())
                 arg_lines.append(f"ptr {k} {offset}")
             else:
                 arg_lines.append(_scalar_line(a))
-        lines.append(f"launch {entry} {' '.join(map(str, _dims(grid) + _dims(block)))} {len(arg_lines)}")
+        independent = int(not uses_block_sync(file_of(entry)))
+        lines.append(f"launch {entry} {' '.join(map(str, _dims(grid) + _dims(block)))} {len(arg_lines)} {independent}")
         lines.extend(arg_lines)
         env = {**os.environ, **RUN_ENV}
         result = subprocess.run([str(executable(file_of(entry), sanitizer))], input="\n".join(lines) + "\n",
