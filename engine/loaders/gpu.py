@@ -112,6 +112,18 @@ CLIP_SOURCE_GREY16 = 2  # 16-bit grey ("I;16" in Pillow): min(sample, 255), repl
 DEVICE_ALIGN = 256
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
 KERNEL_OPTIONS = ("--fmad=false", "-std=c++17")  # --fmad=false: grey_resize.cu's exactness argument
+#: Compute capabilities the kernels must compile for: the paper's L40 (8.9) and the H100 (9.0).
+NVRTC_ARCHITECTURES = (89, 90)
+
+
+def nvrtc_options(arch: int) -> tuple[str, ...]:
+    """Every option NVRTC gets when the loader compiles a kernel on a device of compute capability `arch` (90 for
+    9.0): KERNEL_OPTIONS, then what cupy.RawModule appends (CuPy 14, cupy/cuda/compiler.py: -ftz=true, -arch=sm_XX
+    for a cubin, --device-as-default-execution-space; --pch only under CUPY_NVRTC_USE_PCH=1). The loader asks for
+    its kernels by their extern "C" names (kernels.ENTRY_POINTS): no name expressions. tests/test_nvrtc.py compiles
+    every kernel with these options for each of NVRTC_ARCHITECTURES."""
+    return (*KERNEL_OPTIONS, "-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space")
+
 UNFILTER_THREADS = 128  # rows per wavefront band (png_unfilter.cu); 128 keeps ~70% of threads busy at 539 px
 RESIZE_THREADS = 256
 CLIP_THREADS = 256
