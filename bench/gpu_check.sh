@@ -236,6 +236,11 @@ run_or_skip() {  # run_or_skip STEP CMD...: the step when selected, else a "not 
 
 say "== steps"
 run_or_skip setup setup
+if [ "$DRY_RUN" -eq 0 ] && [ ! -x "$PY" ]; then  # no venv: the steps still run, and their logs say what is missing
+    PY=$PYTHON
+    export PY
+    say "  note: no venv at $VENV (setup.log); the steps use $PYTHON"
+fi
 if [ "$DRY_RUN" -eq 0 ] && [ -f "$RESULTS/setup.log" ]; then sed 's/^/    /' "$RESULTS/setup.log" | tail -n 12 >> "$SUMMARY"; fi
 run_or_skip gpu-tests gpu_tests
 run_or_skip sarcnn-model bench --mode model --batch-sizes "$BENCH_BATCH_SIZES" --n "$BENCH_N" \
