@@ -734,6 +734,23 @@ def test_loader_pipeline_survives_a_failed_nvcomp_batch(monkeypatch, nvcomp_api:
     assert loader.stats.redo_reasons == {"nvCOMP failed the batch (ValueError)": 3}
 
 
+@pytest.mark.parametrize("nvcomp_api", [5, 6])
+def test_loader_pipeline_redoes_a_short_stream(monkeypatch, nvcomp_api: int) -> None:
+    """A stream that inflates to fewer bytes than its image: nvCOMP's reported size (read when the batch is done)
+    sends that image, and only it, to the CPU decoder, which names the error."""
+    rng = np.random.default_rng(31)
+    pixels = [random_pixels(rng, 12, 10, 0, 8) for _ in range(3)]
+    datas = [make_png(p, 0, 8) for p in pixels]
+    datas[1] = make_png(pixels[1], 0, 8, raw=filter_scanlines(scanlines_of(pixels[1], 8), 1)[:-11])  # a row short
+    install_numpy_device(monkeypatch, EMULATED_KERNELS, nvcomp_api=nvcomp_api)
+    loader = GpuLoader(SPEC, batch_size=3, workers=2)
+    inputs, errors, _ = collect(loader, datas)
+    assert list(errors) == [1] and "too short" in errors[1]
+    assert loader.stats.redo_reasons == {"nvCOMP inflated 121 bytes, the image needs 132": 1}
+    for k in (0, 2):
+        np.testing.assert_array_equal(inputs[k], preprocess_reference(decode_png(datas[k]), SPEC))
+
+
 def test_loader_pipeline_bounds_memory_with_emulated_device(numpy_device) -> None:
     rng = np.random.default_rng(23)
     datas = [make_png(random_pixels(rng, 16, 16, 6, 16), 6, 16) for _ in range(4)]  # 2,064 inflated bytes each

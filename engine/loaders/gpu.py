@@ -56,7 +56,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -443,18 +443,21 @@ def nvcomp_codec(nvcomp, device: int, stream_ptr: int, execution_policy: str = "
 
 
 def nvcomp_inflate(nvcomp, codec, compressed, compressed_offsets: Sequence[int], compressed_sizes: Sequence[int],
-                   inflated, inflated_offsets: Sequence[int], inflated_sizes: Sequence[int], stream_ptr: int) -> list[int]:
+                   inflated, inflated_offsets: Sequence[int], inflated_sizes: Sequence[int],
+                   stream_ptr: int) -> Callable[[], list[int]]:
     """Inflate raw-Deflate streams packed in the device buffer `compressed` into their regions of `inflated`
-    (each region's capacity is its size: a longer stream raises ValueError for the whole batch). Returns the
-    inflated size of each stream, as nvCOMP reports it (this waits for the decode)."""
+    (each region's capacity is its size: a longer stream raises ValueError for the whole batch). Returns a function
+    giving the inflated size of each stream as nvCOMP reports it: calling it waits for the decode, so the loader
+    calls it when it waits for the batch anyway, not while it queues the batch's kernels."""
     if nvcomp_batch_api(nvcomp):  # 6.x: both sides are one buffer carved by an offset table
         sources = nvcomp.as_arrays(compressed, list(compressed_offsets), list(compressed_sizes), cuda_stream=stream_ptr)
         targets = nvcomp.as_arrays(inflated, list(inflated_offsets), list(inflated_sizes), cuda_stream=stream_ptr)
-        return list(codec.decode(sources, out=targets).buffer_sizes)
+        decoded = codec.decode(sources, out=targets)
+        return lambda: list(decoded.buffer_sizes)
     sources = [compressed[o:o + n] for o, n in zip(compressed_offsets, compressed_sizes)]  # 5.x: one Array per stream
     targets = [inflated[o:o + n] for o, n in zip(inflated_offsets, inflated_sizes)]
     results = codec.decode(nvcomp.as_arrays(sources, cuda_stream=stream_ptr), out=targets)
-    return [getattr(result, "buffer_size", n) for result, n in zip(results, inflated_sizes)]
+    return lambda: [getattr(result, "buffer_size", n) for result, n in zip(results, inflated_sizes)]
 
 
 def _check_device(cupy, device: int) -> None:
@@ -556,6 +559,7 @@ class _InFlight:
     redo_on_cpu: dict[int, str]  # position -> why the device result is not trusted (known at launch)
     times: StageTimes
     keep_alive: list = field(default_factory=list)  # job arrays the kernels read until the stream is done
+    nvcomp_sizes: Callable[[], list[int]] | None = None  # nvCOMP's inflated sizes, read when the batch is done
 
 
 @dataclass
@@ -700,6 +704,7 @@ class GpuLoader:
             times.decode += p.decode
         redo: dict[int, str] = {}
         keep_alive: list = []
+        nvcomp_sizes = None
         with cp.cuda.Device(self.device), slot.stream:
             out = cp.empty((len(parsed), *self._item_shape), dtype=self.output_dtype)
             n = len(plan.gpu)
@@ -721,14 +726,16 @@ class GpuLoader:
                 target[:staged].set(slot.staging[:staged], stream=slot.stream)
                 slot.status[:n].fill(0)
                 if not host_inflate:
-                    redo.update(self._inflate_with_nvcomp(plan, slot))
+                    failed, nvcomp_sizes = self._inflate_with_nvcomp(plan, slot)
+                    redo.update(failed)
                 if len(redo) < n:
                     keep_alive = self._run_kernels(plan, slot, out)
                 slot.status[:n].get(stream=slot.stream, out=slot.status_host[:n])
-        return _InFlight(parsed, plan, slot, out, cpu_futures, redo, times, keep_alive)
+        return _InFlight(parsed, plan, slot, out, cpu_futures, redo, times, keep_alive, nvcomp_sizes)
 
-    def _inflate_with_nvcomp(self, plan: BatchPlan, slot: _Slot) -> dict[int, str]:
-        """Batched raw-Deflate inflate into each image's region; returns positions to redo on the CPU."""
+    def _inflate_with_nvcomp(self, plan: BatchPlan, slot: _Slot) -> tuple[dict[int, str], Callable | None]:
+        """Batched raw-Deflate inflate into each image's region: (positions to redo on the CPU because nvCOMP
+        failed the batch, the function giving the inflated sizes (None then))."""
         slot.inflated[:plan.inflated_bytes].fill(0)  # a short stream leaves zeros, never stale data
         try:
             sizes = nvcomp_inflate(self._nvcomp, slot.codec, slot.compressed, plan.compressed_offsets.tolist(),
@@ -738,12 +745,20 @@ class GpuLoader:
             # Visible, not silent: a systematic failure here would send every image to the CPU.
             warnings.warn(f"nvCOMP could not inflate a batch ({type(e).__name__}: {e}); "
                           f"its {len(plan.gpu)} GPU images are decoded on the CPU instead", RuntimeWarning, stacklevel=2)
+            return {k: f"nvCOMP failed the batch ({type(e).__name__})" for k in plan.gpu}, None
+        return {}, sizes
+
+    @staticmethod
+    def _short_streams(plan: BatchPlan, sizes: Callable[[], list[int]]) -> dict[int, str]:
+        """Positions whose stream nvCOMP inflated to another size than the image's (read once the batch is done)."""
+        try:
+            reported = sizes()
+        except Exception as e:  # an error nvCOMP reports only when its results are read
+            warnings.warn(f"nvCOMP could not inflate a batch ({type(e).__name__}: {e}); "
+                          f"its {len(plan.gpu)} GPU images are decoded on the CPU instead", RuntimeWarning, stacklevel=3)
             return {k: f"nvCOMP failed the batch ({type(e).__name__})" for k in plan.gpu}
-        redo = {}
-        for k, expected, size in zip(plan.gpu, plan.inflated_sizes.tolist(), sizes):
-            if size != expected:
-                redo[k] = f"nvCOMP inflated {size} bytes, the image needs {expected}"
-        return redo
+        return {k: f"nvCOMP inflated {size} bytes, the image needs {expected}"
+                for k, expected, size in zip(plan.gpu, plan.inflated_sizes.tolist(), reported) if size != expected}
 
     def _run_kernels(self, plan: BatchPlan, slot: _Slot, out) -> list:
         """Adler-32 check, unfilter in place, resize into `out`; returns the job arrays to keep alive."""
@@ -786,6 +801,8 @@ class GpuLoader:
         slot.stream.synchronize()
         waited = time.perf_counter() - t0
         redo = dict(flight.redo_on_cpu)
+        if flight.nvcomp_sizes is not None:
+            redo.update(self._short_streams(plan, flight.nvcomp_sizes))
         status = slot.status_host[:len(plan.gpu)]
         for j, k in enumerate(plan.gpu):
             if status[j] and k not in redo:
