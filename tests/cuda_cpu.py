@@ -60,9 +60,19 @@ def skip_reason() -> str | None:
     return None
 
 
-def _wrapper(file: str) -> str:
-    entries = "\n".join(f"CUDA_CPU_EXPORT({entry})" for entry in kernels.ENTRY_POINTS[file])
-    return (f'#include "cuda_cpu_emulation.h"\n#include "{file}"\n{entries}\n'
+#: CUDA sources outside kernels/ that tests run on the CPU (the emulation's own self-test), by name: (path, entries)
+EXTRA_SOURCES: dict[str, tuple[Path, tuple[str, ...]]] = {}
+
+
+def _source(file: str) -> tuple[Path, tuple[str, ...]]:
+    if file in EXTRA_SOURCES:
+        return EXTRA_SOURCES[file]
+    return kernels.KERNEL_DIR / file, kernels.ENTRY_POINTS[file]
+
+
+def _wrapper(path: Path, entries: tuple[str, ...]) -> str:
+    exports = "\n".join(f"CUDA_CPU_EXPORT({entry})" for entry in entries)
+    return (f'#include "cuda_cpu_emulation.h"\n#include "{path}"\n{exports}\n'
             "int main(int argc, char** argv) { return cuda_cpu::harness_main(argc, argv); }\n")
 
 
@@ -78,13 +88,15 @@ def executable(file: str, sanitizer: str = "asan") -> Path:
     if cxx is None:
         raise RuntimeError(skip_reason())
     flags = (*COMMON_FLAGS, *SANITIZERS[sanitizer])
-    wrapper = _wrapper(file)
+    source_path, entries = _source(file)
+    wrapper = _wrapper(source_path, entries)
     digest = hashlib.sha256()
     for part in (wrapper, " ".join(flags), _compiler_version(cxx)):
         digest.update(part.encode() + b"\0")
-    for path in sorted(kernels.KERNEL_DIR.glob("*")):  # the .cu file and every header it may include
-        if path.suffix in (".cu", ".cuh", ".h"):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for folder in sorted({kernels.KERNEL_DIR, source_path.parent}):  # the .cu file and every header it may include
+        for path in sorted(folder.glob("*")):
+            if path.suffix in (".cu", ".cuh", ".h"):
+                digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     target = BUILD_DIR / f"{Path(file).stem}-{sanitizer}-{digest.hexdigest()[:16]}"
     if target.exists():
         return target
@@ -93,7 +105,8 @@ def executable(file: str, sanitizer: str = "asan") -> Path:
         source = Path(tmp) / "wrapper.cpp"
         source.write_text(wrapper)
         built = Path(tmp) / "harness"
-        result = subprocess.run([cxx, *flags, "-I", str(kernels.KERNEL_DIR), str(source), "-o", str(built)],
+        result = subprocess.run([cxx, *flags, "-I", str(kernels.KERNEL_DIR), "-I", str(source_path.parent), str(source),
+                                 "-o", str(built)],
                                 capture_output=True, text=True, timeout=TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"building {file} for the CPU failed:\n{result.stderr}{result.stdout}")
@@ -104,7 +117,7 @@ def executable(file: str, sanitizer: str = "asan") -> Path:
 
 
 def file_of(entry: str) -> str:
-    for file, entries in kernels.ENTRY_POINTS.items():
+    for file, entries in [*kernels.ENTRY_POINTS.items(), *((f, e) for f, (_, e) in EXTRA_SOURCES.items())]:
         if entry in entries:
             return file
     raise KeyError(f"no kernel file defines {entry}")
@@ -114,7 +127,8 @@ def file_of(entry: str) -> str:
 def uses_block_sync(file: str) -> bool:
     """Whether a kernel file (its headers included) has __shared__ storage or a barrier: then the emulation
     runs its blocks strictly one after the other; otherwise a thread may run ahead into its next block."""
-    return re.search(r"__shared__|__syncthreads|__syncwarp|_sync\s*\(", kernels.source(file)) is not None
+    text = EXTRA_SOURCES[file][0].read_text() if file in EXTRA_SOURCES else kernels.source(file)
+    return re.search(r"__shared__|__syncthreads|__syncwarp|_sync\s*\(", text) is not None
 
 
 def _dims(shape) -> list[int]:

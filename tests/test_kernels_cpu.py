@@ -6,7 +6,9 @@ The launches are the loader's own: GpuLoader and decode_scanlines_on_gpu (engine
 tests/test_gpu_loader.py's NumPy stand-in for CuPy, whose compiled functions are here the emulated kernels,
 so grid, block and arguments are exactly what the loader computes. The results are compared with the
 references: the unfiltered scanlines PNG stores, the CPU loader's inputs (preprocess_reference), Pillow's
-Pipeline A input (preprocess_clip_reference), zlib's Adler-32.
+Pipeline A input (preprocess_clip_reference), zlib's Adler-32. The emulation itself is tested on
+tests/cuda_cpu_selftest.cu: CUDA's results for shared memory, barriers, shuffles and atomics, and a report for a
+divergent barrier, a shared-memory race and an out-of-bounds read.
 """
 
 from __future__ import annotations
@@ -317,3 +319,60 @@ def test_clip_resize_iws_vignette_fp16_at_448(cpu_device) -> None:
 def test_clip_loader_mixed_batch_on_the_real_kernels(cpu_device, tmp_path: Path) -> None:
     check_clip_mixed_batch(GpuLoader(clip_spec_for(56), batch_size=5, workers=2, output_dtype="float16"),
                            mixed_items(tmp_path))
+
+
+# --- the emulation itself (tests/cuda_cpu_selftest.cu) --------------------------------------------------------
+
+SELFTEST = Path(__file__).with_name("cuda_cpu_selftest.cu")
+cuda_cpu.EXTRA_SOURCES["cuda_cpu_selftest.cu"] = (SELFTEST, ("block_sum", "warp_shuffles", "atomic_histogram",
+                                                             "divergent_barrier", "racy_neighbour", "read_past"))
+
+
+@pytest.mark.parametrize("grid, block", [((3,), (256,)), ((2, 2, 1), (8, 4, 2)), ((1,), (1,))])
+def test_emulation_shared_memory_and_barriers(grid, block) -> None:
+    blocks, threads = int(np.prod(grid)), int(np.prod(block))
+    data = np.arange(blocks * threads, dtype=np.uint32) * 7 + 1
+    out = np.zeros(blocks, np.uint32)
+    cuda_cpu.launch("block_sum", grid, block, (data, out))
+    np.testing.assert_array_equal(out, data.reshape(blocks, threads).sum(1))  # and no block saw another's sums
+
+
+def test_emulation_warp_shuffles() -> None:
+    data = np.arange(64, dtype=np.int32) * 3 - 50
+    out = np.zeros(4 * 64, np.int32)
+    cuda_cpu.launch("warp_shuffles", (1,), (64,), (data, out))
+    lane, warp = np.arange(64) % 32, np.arange(64) // 32 * 32
+    got = out.reshape(64, 4)
+    np.testing.assert_array_equal(got[:, 0], np.where(lane + 1 < 32, data[np.minimum(np.arange(64) + 1, 63)], data))
+    np.testing.assert_array_equal(got[:, 1], np.where(lane >= 2, data[np.arange(64) - 2], data))
+    np.testing.assert_array_equal(got[:, 2], data[warp + (lane ^ 5)])
+    np.testing.assert_array_equal(got[:, 3], data[warp + 3])
+
+
+def test_emulation_atomics() -> None:
+    data = np.random.default_rng(0).integers(0, 1000, 1000).astype(np.uint32)
+    bins = np.zeros(16, np.uint32)
+    cuda_cpu.launch("atomic_histogram", (4,), (256,), (data, np.uint32(len(data)), bins))
+    np.testing.assert_array_equal(bins, np.bincount(data % 16, minlength=16))
+
+
+def test_emulation_reports_a_divergent_barrier() -> None:
+    with pytest.raises(cuda_cpu.KernelRunError, match="divergent __syncthreads"):
+        cuda_cpu.launch("divergent_barrier", (1,), (8,), (np.zeros(8, np.uint32),))
+
+
+def test_emulation_reports_a_shared_memory_race() -> None:
+    with pytest.raises(cuda_cpu.KernelRunError, match="ThreadSanitizer: data race"):
+        cuda_cpu.launch("racy_neighbour", (1,), (64,), (np.zeros(64, np.uint32),), sanitizer="tsan")
+
+
+def test_emulation_reports_a_read_past_a_buffer_and_into_a_poisoned_gap() -> None:
+    with pytest.raises(cuda_cpu.KernelRunError, match="heap-buffer-overflow"):
+        cuda_cpu.launch("read_past", (1,), (4,), (np.zeros(6, np.uint32), np.zeros(4, np.uint32), np.uint32(3)))
+    data = np.zeros(16, np.uint32)
+    with pytest.raises(cuda_cpu.KernelRunError, match="use-after-poison"):
+        cuda_cpu.launch("read_past", (1,), (4,), (data, np.zeros(4, np.uint32), np.uint32(3)), poison=[(data, 24, 8)])
+    with pytest.raises(TypeError, match="NumPy integer or float scalars"):
+        cuda_cpu.launch("read_past", (1,), (4,), (data, np.zeros(4, np.uint32), 3))
+    with pytest.raises(cuda_cpu.KernelRunError, match="argument 2: scalar kind 'f'"):
+        cuda_cpu.launch("read_past", (1,), (4,), (data, np.zeros(4, np.uint32), np.float32(3)))
