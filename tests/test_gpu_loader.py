@@ -143,28 +143,20 @@ def test_kernel_compiles_with_nvcc(name: str, tmp_path: Path) -> None:
 
 @lru_cache(maxsize=None)
 def nvrtc_ptx(name: str) -> str:
-    """PTX of a kernel file compiled by NVRTC for sm_90 with the loader's options (no GPU needed)."""
-    compiler = pytest.importorskip("cupy.cuda.compiler", reason="CuPy is not installed: NVRTC check skipped")
-    from iws_engine.loaders.gpu import KERNEL_OPTIONS
+    """PTX of a kernel file compiled by NVRTC for compute_90 with the loader's options (no GPU needed)."""
+    from iws_engine.kernels import nvrtc
+    from iws_engine.loaders.gpu import nvrtc_options
 
-    nvrtc = compiler.nvrtc
-    program = nvrtc.createProgram(kernels.source(name), name, [], [])
-    try:
-        try:
-            # -ftz=true: CuPy's RawModule adds it to every compile (grey_resize.cu explains why it is harmless)
-            nvrtc.compileProgram(program, ["--gpu-architecture=compute_90", *KERNEL_OPTIONS, "-ftz=true"])
-        except Exception as e:
-            raise AssertionError(f"NVRTC rejected {name}: {e}\n{nvrtc.getProgramLog(program)}") from None
-        log = nvrtc.getProgramLog(program).strip()
-        assert "warning" not in log.lower(), log
-        ptx = nvrtc.getPTX(program)
-    finally:
-        nvrtc.destroyProgram(program)
-    return ptx.decode() if isinstance(ptx, bytes) else ptx
+    if not nvrtc.available():
+        pytest.skip("libnvrtc is not installed (pip install 'nvidia-cuda-nvrtc==13.*'): NVRTC check skipped")
+    options = [o.replace("-arch=sm_", "-arch=compute_") for o in nvrtc_options(90)]  # PTX, not a cubin
+    compiled = nvrtc.compile_program(kernels.source(name), name, options)
+    assert "warning" not in compiled.log.lower(), compiled.log
+    return compiled.ptx
 
 
 @pytest.mark.parametrize("name", KERNEL_FILES)
-def test_kernel_compiles_with_nvrtc(name: str) -> None:
+def test_kernel_ptx_has_its_entry_points(name: str) -> None:
     ptx = nvrtc_ptx(name)
     for entry in kernels.ENTRY_POINTS[name]:
         assert f".entry {entry}(" in ptx  # extern "C": the unmangled name the loader asks for
@@ -585,7 +577,7 @@ def emulated_resize(grid, block, args, stream=None) -> None:
 
 
 class FakeCodec:
-    """nvCOMP's batched raw-Deflate decode, by zlib; a stream too long for its buffer fails the batch."""
+    """nvCOMP 5.x's batched raw-Deflate decode, by zlib; a stream too long for its buffer fails the batch."""
 
     def __init__(self, *, algorithm: str, bitstream_kind: str, device_id: int, cuda_stream: int):
         assert (algorithm, bitstream_kind) == ("Deflate", "RAW")
@@ -601,13 +593,61 @@ class FakeCodec:
         return results
 
 
+class FakeBatchArray:
+    """nvCOMP 6's BatchArray: entries carved from one buffer (as_arrays(buffer, offsets, sizes)), with the sizes
+    a decode reports."""
+
+    def __init__(self, buffer: np.ndarray, offsets: list[int], sizes: list[int], cuda_stream: int = 0):
+        assert isinstance(offsets, list) and isinstance(sizes, list) and len(offsets) == len(sizes)  # pybind list[int]
+        assert all(o % 4 == 0 for o in offsets)  # nvCOMP's decompression alignment
+        assert all(0 <= o and o + n <= len(buffer) for o, n in zip(offsets, sizes))
+        self.entries = [buffer[o:o + n] for o, n in zip(offsets, sizes)]
+        self.buffer_sizes = list(sizes)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class FakeCodec6:
+    """nvCOMP 6's batched raw-Deflate decode into a BatchArray of fixed capacities, by zlib."""
+
+    def __init__(self, *, algorithm: str, bitstream_kind: str, device_id: int, cuda_stream: int, execution_policy: str):
+        assert (algorithm, bitstream_kind, execution_policy) == ("Deflate", "RAW", "CONCURRENCY")
+
+    def get_required_decompression_alignment(self) -> int:
+        return 4
+
+    def decode(self, sources: FakeBatchArray, out: FakeBatchArray) -> FakeBatchArray:
+        assert isinstance(sources, FakeBatchArray) and isinstance(out, FakeBatchArray) and len(sources) == len(out)
+        sizes = []
+        for source, target in zip(sources.entries, out.entries):
+            data = zlib.decompressobj(-15).decompress(np.asarray(source).tobytes())
+            if len(data) > len(target):
+                raise ValueError("decompressed data does not fit the output buffer")
+            target[:len(data)] = np.frombuffer(data, np.uint8)
+            sizes.append(len(data))
+        out.buffer_sizes = sizes
+        return out
+
+
+#: The two nvCOMP Python APIs the loader supports, standing in for nvidia.nvcomp (their calling conventions as
+#: documented by help(); tests/test_nvcomp_api.py checks the loader's calls against the installed package).
+FAKE_NVCOMP = {
+    5: SimpleNamespace(Codec=FakeCodec, BitstreamKind=SimpleNamespace(RAW="RAW"),
+                       as_arrays=lambda arrays, cuda_stream=0: list(arrays)),
+    6: SimpleNamespace(Codec=FakeCodec6, BitstreamKind=SimpleNamespace(RAW="RAW"), BatchArray=FakeBatchArray,
+                       ExecutionPolicy=SimpleNamespace(CONCURRENCY="CONCURRENCY", LATENCY="LATENCY"),
+                       as_arrays=FakeBatchArray),
+}
+
+
 EMULATED_KERNELS = {"adler32_verify": emulated_adler, "png_unfilter": emulated_unfilter,
                     "grey_resize_normalise": emulated_resize}
 
 
-def install_numpy_device(monkeypatch, emulations: dict) -> None:
-    """Make GpuLoader use NumPy arrays for device memory, and `emulations` (kernel name -> NumPy
-    function taking (grid, block, args)) for the kernels it compiles."""
+def install_numpy_device(monkeypatch, emulations: dict, nvcomp_api: int = 6) -> None:
+    """Make GpuLoader use NumPy arrays for device memory, `emulations` (kernel name -> NumPy
+    function taking (grid, block, args)) for the kernels it compiles, and FAKE_NVCOMP[nvcomp_api]."""
     import contextlib
 
     from iws_engine.loaders import gpu
@@ -646,10 +686,8 @@ def install_numpy_device(monkeypatch, emulations: dict) -> None:
         zeros=lambda shape, dtype=np.float32: np.zeros(shape, dtype).view(FakeDeviceArray),
         asarray=lambda a: np.array(a, copy=True).view(FakeDeviceArray),
     )
-    fake_nvcomp = SimpleNamespace(Codec=FakeCodec, BitstreamKind=SimpleNamespace(RAW="RAW"),
-                                  as_arrays=lambda arrays, cuda_stream=0: list(arrays))
     monkeypatch.setattr(gpu, "_import_cupy", lambda: fake_cupy)
-    monkeypatch.setattr(gpu, "_import_nvcomp", lambda: fake_nvcomp)
+    monkeypatch.setattr(gpu, "_import_nvcomp", lambda: FAKE_NVCOMP[nvcomp_api])
 
 
 @pytest.fixture
@@ -665,13 +703,28 @@ def test_loader_pipeline_with_emulated_device(numpy_device, inflate: str, output
     check_mixed_batch(loader, mixed_items(tmp_path))
 
 
-def test_loader_pipeline_survives_a_failed_nvcomp_batch(numpy_device) -> None:
+def test_loader_pipeline_with_the_nvcomp_5_api(monkeypatch, tmp_path: Path) -> None:
+    """nvCOMP 5.3 (the version DALI pins) still works: lists of Arrays instead of BatchArrays."""
+    install_numpy_device(monkeypatch, EMULATED_KERNELS, nvcomp_api=5)
+    check_mixed_batch(GpuLoader(SPEC, batch_size=5, workers=2), mixed_items(tmp_path))
+    with pytest.raises(LoaderError, match="needs nvCOMP 6"):
+        GpuLoader(SPEC, batch_size=5, workers=2, nvcomp_execution_policy="latency")
+
+
+def test_loader_refuses_an_unknown_execution_policy(numpy_device) -> None:
+    with pytest.raises(ValueError, match="execution_policy must be one of"):
+        GpuLoader(SPEC, batch_size=5, workers=2, nvcomp_execution_policy="fast")
+
+
+@pytest.mark.parametrize("nvcomp_api", [5, 6])
+def test_loader_pipeline_survives_a_failed_nvcomp_batch(monkeypatch, nvcomp_api: int) -> None:
     """A stream that inflates past its image fails nvCOMP's whole batch: every image is redone on the CPU."""
     rng = np.random.default_rng(29)
     pixels = [random_pixels(rng, 12, 10, 2, 16) for _ in range(3)]
     datas = [make_png(p, 2, 16) for p in pixels]
     too_long = filter_scanlines(scanlines_of(pixels[1], 16), 6) + bytes(61)  # one row too many
     datas[1] = make_png(pixels[1], 2, 16, raw=too_long)
+    install_numpy_device(monkeypatch, EMULATED_KERNELS, nvcomp_api=nvcomp_api)
     loader = GpuLoader(SPEC, batch_size=3, workers=2)
     with pytest.warns(RuntimeWarning, match="nvCOMP could not inflate a batch"):
         inputs, errors, _ = collect(loader, datas)
@@ -679,6 +732,23 @@ def test_loader_pipeline_survives_a_failed_nvcomp_batch(numpy_device) -> None:
     for k in (0, 2):
         np.testing.assert_array_equal(inputs[k], preprocess_reference(decode_png(datas[k]), SPEC))
     assert loader.stats.redo_reasons == {"nvCOMP failed the batch (ValueError)": 3}
+
+
+@pytest.mark.parametrize("nvcomp_api", [5, 6])
+def test_loader_pipeline_redoes_a_short_stream(monkeypatch, nvcomp_api: int) -> None:
+    """A stream that inflates to fewer bytes than its image: nvCOMP's reported size (read when the batch is done)
+    sends that image, and only it, to the CPU decoder, which names the error."""
+    rng = np.random.default_rng(31)
+    pixels = [random_pixels(rng, 12, 10, 0, 8) for _ in range(3)]
+    datas = [make_png(p, 0, 8) for p in pixels]
+    datas[1] = make_png(pixels[1], 0, 8, raw=filter_scanlines(scanlines_of(pixels[1], 8), 1)[:-11])  # a row short
+    install_numpy_device(monkeypatch, EMULATED_KERNELS, nvcomp_api=nvcomp_api)
+    loader = GpuLoader(SPEC, batch_size=3, workers=2)
+    inputs, errors, _ = collect(loader, datas)
+    assert list(errors) == [1] and "too short" in errors[1]
+    assert loader.stats.redo_reasons == {"nvCOMP inflated 121 bytes, the image needs 132": 1}
+    for k in (0, 2):
+        np.testing.assert_array_equal(inputs[k], preprocess_reference(decode_png(datas[k]), SPEC))
 
 
 def test_loader_pipeline_bounds_memory_with_emulated_device(numpy_device) -> None:
@@ -727,7 +797,7 @@ def cuda() -> None:
 
 INFLATE_MODES = [
     pytest.param("nvcomp", marks=pytest.mark.skipif(not nvcomp_installed(), reason="nvCOMP is not installed "
-                                                    "(pip install nvidia-nvcomp-cu13==5.3.0.16)")),
+                                                    "(pip install 'nvidia-nvcomp-cu13==6.0.*')")),
     "host",
 ]
 

@@ -56,7 +56,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -112,6 +112,18 @@ CLIP_SOURCE_GREY16 = 2  # 16-bit grey ("I;16" in Pillow): min(sample, 255), repl
 DEVICE_ALIGN = 256
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
 KERNEL_OPTIONS = ("--fmad=false", "-std=c++17")  # --fmad=false: grey_resize.cu's exactness argument
+#: Compute capabilities the kernels must compile for: the paper's L40 (8.9) and the H100 (9.0).
+NVRTC_ARCHITECTURES = (89, 90)
+
+
+def nvrtc_options(arch: int) -> tuple[str, ...]:
+    """Every option NVRTC gets when the loader compiles a kernel on a device of compute capability `arch` (90 for
+    9.0): KERNEL_OPTIONS, then what cupy.RawModule appends (CuPy 14, cupy/cuda/compiler.py: -ftz=true, -arch=sm_XX
+    for a cubin, --device-as-default-execution-space; --pch only under CUPY_NVRTC_USE_PCH=1). The loader asks for
+    its kernels by their extern "C" names (kernels.ENTRY_POINTS): no name expressions. tests/test_nvrtc.py compiles
+    every kernel with these options for each of NVRTC_ARCHITECTURES."""
+    return (*KERNEL_OPTIONS, "-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space")
+
 UNFILTER_THREADS = 128  # rows per wavefront band (png_unfilter.cu); 128 keeps ~70% of threads busy at 539 px
 RESIZE_THREADS = 256
 CLIP_THREADS = 256
@@ -396,9 +408,56 @@ def _import_nvcomp():
         from nvidia import nvcomp
     except ImportError as e:
         raise LoaderError(f"the GPU loader inflates with nvCOMP, which is not installed ({e}); install it with: "
-                          "pip install nvidia-nvcomp-cu13==5.3.0.16, or use GpuLoader(inflate='host') "
-                          "to inflate with zlib on the CPU") from None
+                          "pip install 'nvidia-nvcomp-cu13==6.0.*' (5.3.0.16 next to DALI), or use "
+                          "GpuLoader(inflate='host') to inflate with zlib on the CPU") from None
     return nvcomp
+
+
+#: nvCOMP's ExecutionPolicy (6.x) for the inflate: "concurrency" (nvCOMP's default) suits this loader, whose
+#: inflate runs on one slot's stream while the other slot's kernels and the model run; "latency" is there to be
+#: measured against it on a GPU.
+NVCOMP_EXECUTION_POLICIES = ("concurrency", "latency")
+
+
+def nvcomp_batch_api(nvcomp) -> bool:
+    """True for nvCOMP 6's Python API (one buffer carved into a `BatchArray` by offsets and sizes; decode into a
+    BatchArray), False for 5.x (lists of `Array`s, one per buffer)."""
+    return hasattr(nvcomp, "BatchArray")
+
+
+def nvcomp_codec(nvcomp, device: int, stream_ptr: int, execution_policy: str = "concurrency"):
+    """The raw-Deflate codec of one slot (its stream), for nvCOMP 5.x or 6.x."""
+    if execution_policy not in NVCOMP_EXECUTION_POLICIES:
+        raise ValueError(f"execution_policy must be one of {NVCOMP_EXECUTION_POLICIES}, got {execution_policy!r}")
+    options: dict[str, Any] = dict(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW, device_id=device,
+                                   cuda_stream=stream_ptr)
+    if hasattr(nvcomp, "ExecutionPolicy"):
+        options["execution_policy"] = getattr(nvcomp.ExecutionPolicy, execution_policy.upper())
+    elif execution_policy != "concurrency":
+        raise LoaderError(f"execution_policy={execution_policy!r} needs nvCOMP 6 (nvidia-nvcomp-cu13==6.0.*)")
+    codec = nvcomp.Codec(**options)
+    alignment = codec.get_required_decompression_alignment() if hasattr(codec, "get_required_decompression_alignment") else 4
+    if DEVICE_ALIGN % alignment:
+        raise LoaderError(f"nvCOMP needs {alignment}-byte aligned buffers; the loader aligns to {DEVICE_ALIGN}")
+    return codec
+
+
+def nvcomp_inflate(nvcomp, codec, compressed, compressed_offsets: Sequence[int], compressed_sizes: Sequence[int],
+                   inflated, inflated_offsets: Sequence[int], inflated_sizes: Sequence[int],
+                   stream_ptr: int) -> Callable[[], list[int]]:
+    """Inflate raw-Deflate streams packed in the device buffer `compressed` into their regions of `inflated`
+    (each region's capacity is its size: a longer stream raises ValueError for the whole batch). Returns a function
+    giving the inflated size of each stream as nvCOMP reports it: calling it waits for the decode, so the loader
+    calls it when it waits for the batch anyway, not while it queues the batch's kernels."""
+    if nvcomp_batch_api(nvcomp):  # 6.x: both sides are one buffer carved by an offset table
+        sources = nvcomp.as_arrays(compressed, list(compressed_offsets), list(compressed_sizes), cuda_stream=stream_ptr)
+        targets = nvcomp.as_arrays(inflated, list(inflated_offsets), list(inflated_sizes), cuda_stream=stream_ptr)
+        decoded = codec.decode(sources, out=targets)
+        return lambda: list(decoded.buffer_sizes)
+    sources = [compressed[o:o + n] for o, n in zip(compressed_offsets, compressed_sizes)]  # 5.x: one Array per stream
+    targets = [inflated[o:o + n] for o, n in zip(inflated_offsets, inflated_sizes)]
+    results = codec.decode(nvcomp.as_arrays(sources, cuda_stream=stream_ptr), out=targets)
+    return lambda: [getattr(result, "buffer_size", n) for result, n in zip(results, inflated_sizes)]
 
 
 def _check_device(cupy, device: int) -> None:
@@ -434,13 +493,12 @@ class _Kernels:
 class _Slot:
     """One half of the double buffer: a stream, pinned staging, device buffers, grown on demand."""
 
-    def __init__(self, cupy, nvcomp, device: int, batch_size: int):
+    def __init__(self, cupy, nvcomp, device: int, batch_size: int, execution_policy: str = "concurrency"):
         self.cp = cupy
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.codec = None
         if nvcomp is not None:
-            self.codec = nvcomp.Codec(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW,
-                                      device_id=device, cuda_stream=self.stream.ptr)
+            self.codec = nvcomp_codec(nvcomp, device, self.stream.ptr, execution_policy)
         self.staging = np.empty(0, np.uint8)  # pinned: deflate streams (nvCOMP) or inflated data (host inflate)
         self.compressed = cupy.empty(0, cupy.uint8)
         self.inflated = cupy.empty(0, cupy.uint8)
@@ -501,6 +559,7 @@ class _InFlight:
     redo_on_cpu: dict[int, str]  # position -> why the device result is not trusted (known at launch)
     times: StageTimes
     keep_alive: list = field(default_factory=list)  # job arrays the kernels read until the stream is done
+    nvcomp_sizes: Callable[[], list[int]] | None = None  # nvCOMP's inflated sizes, read when the batch is done
 
 
 @dataclass
@@ -531,6 +590,7 @@ class GpuLoader:
     Device memory: two slots, each at most ~1.25 x `max_batch_bytes` for the compressed and for
     the inflated data, plus the batches' inputs; pinned host memory: the same for staging.
     `stats` counts where the images went (GPU, CPU by format, redone on the CPU).
+    `nvcomp_execution_policy`: nvCOMP 6's ExecutionPolicy for the inflate ("concurrency" or "latency").
     """
 
     name = "gpu"
@@ -538,7 +598,8 @@ class GpuLoader:
     def __init__(self, spec: PreprocessSpec | ClipPreprocessSpec, batch_size: int = 64, device: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None, *,
                  inflate: str = "nvcomp", output_dtype: str = "float32", host_output: bool = False,
-                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, prefetch_batches: int = 2):
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, prefetch_batches: int = 2,
+                 nvcomp_execution_policy: str = "concurrency"):
         if not 1 <= batch_size <= 65_535:  # grid.y of the resize kernel is the image index
             raise ValueError(f"batch_size must be within 1..65535, got {batch_size}")
         if inflate not in ("nvcomp", "host"):
@@ -576,7 +637,8 @@ class GpuLoader:
         self.stats = GpuLoaderStats()
         with self._cp.cuda.Device(self.device):
             self._kernels = _Kernels(self._cp, self._clip)
-            self._slots = [_Slot(self._cp, self._nvcomp, self.device, batch_size) for _ in range(2)]
+            self._slots = [_Slot(self._cp, self._nvcomp, self.device, batch_size, nvcomp_execution_policy)
+                           for _ in range(2)]
             self._clip_table = None
             if self._clip:  # preprocess_clip's own (3, 256) table, or its fp16 roundings: identical by construction
                 table = _normalise_table(tuple(spec.mean), tuple(spec.std))
@@ -642,6 +704,7 @@ class GpuLoader:
             times.decode += p.decode
         redo: dict[int, str] = {}
         keep_alive: list = []
+        nvcomp_sizes = None
         with cp.cuda.Device(self.device), slot.stream:
             out = cp.empty((len(parsed), *self._item_shape), dtype=self.output_dtype)
             n = len(plan.gpu)
@@ -663,32 +726,39 @@ class GpuLoader:
                 target[:staged].set(slot.staging[:staged], stream=slot.stream)
                 slot.status[:n].fill(0)
                 if not host_inflate:
-                    redo.update(self._inflate_with_nvcomp(plan, slot))
+                    failed, nvcomp_sizes = self._inflate_with_nvcomp(plan, slot)
+                    redo.update(failed)
                 if len(redo) < n:
                     keep_alive = self._run_kernels(plan, slot, out)
                 slot.status[:n].get(stream=slot.stream, out=slot.status_host[:n])
-        return _InFlight(parsed, plan, slot, out, cpu_futures, redo, times, keep_alive)
+        return _InFlight(parsed, plan, slot, out, cpu_futures, redo, times, keep_alive, nvcomp_sizes)
 
-    def _inflate_with_nvcomp(self, plan: BatchPlan, slot: _Slot) -> dict[int, str]:
-        """Batched raw-Deflate inflate into each image's region; returns positions to redo on the CPU."""
-        nvcomp = self._nvcomp
+    def _inflate_with_nvcomp(self, plan: BatchPlan, slot: _Slot) -> tuple[dict[int, str], Callable | None]:
+        """Batched raw-Deflate inflate into each image's region: (positions to redo on the CPU because nvCOMP
+        failed the batch, the function giving the inflated sizes (None then))."""
         slot.inflated[:plan.inflated_bytes].fill(0)  # a short stream leaves zeros, never stale data
-        sources = [slot.compressed[o:o + s] for o, s in zip(plan.compressed_offsets.tolist(), plan.compressed_sizes.tolist())]
-        targets = [slot.inflated[o:o + s] for o, s in zip(plan.inflated_offsets.tolist(), plan.inflated_sizes.tolist())]
         try:
-            arrays = nvcomp.as_arrays(sources, cuda_stream=slot.stream.ptr)
-            results = slot.codec.decode(arrays, out=targets)
+            sizes = nvcomp_inflate(self._nvcomp, slot.codec, slot.compressed, plan.compressed_offsets.tolist(),
+                                   plan.compressed_sizes.tolist(), slot.inflated, plan.inflated_offsets.tolist(),
+                                   plan.inflated_sizes.tolist(), slot.stream.ptr)
         except Exception as e:  # e.g. a stream longer than its image (ValueError) or a corrupt one
             # Visible, not silent: a systematic failure here would send every image to the CPU.
             warnings.warn(f"nvCOMP could not inflate a batch ({type(e).__name__}: {e}); "
                           f"its {len(plan.gpu)} GPU images are decoded on the CPU instead", RuntimeWarning, stacklevel=2)
+            return {k: f"nvCOMP failed the batch ({type(e).__name__})" for k in plan.gpu}, None
+        return {}, sizes
+
+    @staticmethod
+    def _short_streams(plan: BatchPlan, sizes: Callable[[], list[int]]) -> dict[int, str]:
+        """Positions whose stream nvCOMP inflated to another size than the image's (read once the batch is done)."""
+        try:
+            reported = sizes()
+        except Exception as e:  # an error nvCOMP reports only when its results are read
+            warnings.warn(f"nvCOMP could not inflate a batch ({type(e).__name__}: {e}); "
+                          f"its {len(plan.gpu)} GPU images are decoded on the CPU instead", RuntimeWarning, stacklevel=3)
             return {k: f"nvCOMP failed the batch ({type(e).__name__})" for k in plan.gpu}
-        redo = {}
-        for k, expected, result in zip(plan.gpu, plan.inflated_sizes.tolist(), results):
-            size = getattr(result, "buffer_size", expected)
-            if size != expected:
-                redo[k] = f"nvCOMP inflated {size} bytes, the image needs {expected}"
-        return redo
+        return {k: f"nvCOMP inflated {size} bytes, the image needs {expected}"
+                for k, expected, size in zip(plan.gpu, plan.inflated_sizes.tolist(), reported) if size != expected}
 
     def _run_kernels(self, plan: BatchPlan, slot: _Slot, out) -> list:
         """Adler-32 check, unfilter in place, resize into `out`; returns the job arrays to keep alive."""
@@ -731,6 +801,8 @@ class GpuLoader:
         slot.stream.synchronize()
         waited = time.perf_counter() - t0
         redo = dict(flight.redo_on_cpu)
+        if flight.nvcomp_sizes is not None:
+            redo.update(self._short_streams(plan, flight.nvcomp_sizes))
         status = slot.status_host[:len(plan.gpu)]
         for j, k in enumerate(plan.gpu):
             if status[j] and k not in redo:
