@@ -225,13 +225,21 @@ class _ModelSubject:
 
     def __init__(self, config: BenchConfig, target, inputs: np.ndarray):
         from iws_engine import backends
+        from iws_engine.export.artifact_cache import needs_artefact
 
         self.config = config
         self.inputs = inputs
         self.sync = _synchroniser(config)
         start = time.perf_counter()
-        self.backend = backends.create(config.backend, precision=config.precision, device=config.device)
-        self.backend.load(target.source, target.input_shape, target.output_shape)
+        if needs_artefact(config.backend, config.precision):  # INT8: the gated artefact classify would use
+            from iws_engine.export.artifact_cache import cached_artifacts
+            from iws_engine.export.build import load_artifacts
+
+            folder = cached_artifacts(target, config.backend, config.precision, config.device)
+            self.backend = load_artifacts(folder, config.device)[0]
+        else:
+            self.backend = backends.create(config.backend, precision=config.precision, device=config.device)
+            self.backend.load(target.source, target.input_shape, target.output_shape)
         self.load_s = time.perf_counter() - start
         self.info = self.backend.info()
         self.out = np.empty((len(inputs), *target.output_shape), np.float32)
@@ -379,6 +387,7 @@ def run_bench(configs: Iterable[BenchConfig], *, mode: str = "model",
     precision) is recorded with its error and skipped; the baseline is the first one that runs.
     """
     from iws_engine.backends.base import BackendError, cpu_cores
+    from iws_engine.export.build import BuildError
 
     configs = list(configs)
     batch_sizes = [int(b) for b in batch_sizes]
@@ -415,7 +424,7 @@ def run_bench(configs: Iterable[BenchConfig], *, mode: str = "model",
                     subjects.append((_ModelSubject(config, target, inputs), record))
                 else:
                     subjects.append((_EndToEndSubject(config, target, blobs), record))
-            except BackendError as e:
+            except (BackendError, BuildError) as e:  # cannot run here, or its parity gate refused it
                 record["error"] = str(e)
 
         rows: list[dict[str, Any]] = []

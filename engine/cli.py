@@ -41,8 +41,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"),
                    help="inference backend (default: onnxruntime for sarcnn, the fastest on CPU; torch for eva02xgb)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16"),
-                   help="(default: %(default)s; int8/fp8 engines come from `iws-engine build`)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16", "int8"),
+                   help="(default: %(default)s, exact; int8 with --backend onnxruntime is quantized and parity-gated "
+                        "on first use, then cached; TensorRT int8/fp8 engines come from `iws-engine build`)")
     g.add_argument("--artifacts", type=Path, metavar="DIR",
                    help="use an artefact made by `iws-engine build` (its manifest sets model, backend and precision)")
 
@@ -409,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, metavar="DIR", help="default: artifacts/<model>-<backend>-<precision>")
     p.add_argument("--no-build", action="store_true", help="fail instead of (re)building when no fitting artefact exists")
     p.add_argument("--calib", type=Path, metavar="DIR",
-                   help="calibration PNGs for --backend tensorrt --precision int8 (entropy calibration) or fp8 "
-                        "(Q/DQ scales; default for fp8: synthetic probe vignettes)")
+                   help="calibration PNGs for --precision int8 (--backend tensorrt: entropy calibration; onnxruntime: "
+                        "QDQ ranges) or --backend tensorrt --precision fp8 (Q/DQ scales); default for fp8 and "
+                        "onnxruntime int8: synthetic probe vignettes")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("info", help="versions and available backends")
