@@ -231,7 +231,7 @@ class _ModelSubject:
         self.inputs = inputs
         self.sync = _synchroniser(config)
         start = time.perf_counter()
-        if needs_artefact(config.backend, config.precision):  # INT8: the gated artefact classify would use
+        if needs_artefact(config.backend, config.precision, config.device):  # what classify would run: gated
             from iws_engine.export.artifact_cache import cached_artifacts
             from iws_engine.export.build import load_artifacts
 

@@ -35,8 +35,8 @@ class Classifier:
         bench/results) and 256 on a GPU."""
         from iws_engine.export import weights as weights_io
 
-        if artifacts is None and needs_artefact(backend, precision):
-            # INT8 runs only as a calibrated, parity-gated artefact: built once, then cached
+        if artifacts is None and needs_artefact(backend, precision, device):
+            # the fast CPU precisions run only once gated on this model: built once, then cached
             from iws_engine.export.artifact_cache import cached_artifacts
             from iws_engine.export.targets import SarcnnTarget
 

@@ -42,8 +42,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="inference backend (default: onnxruntime for sarcnn, the fastest on CPU; torch for eva02xgb)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16", "int8"),
-                   help="(default: %(default)s, exact; int8 with --backend onnxruntime is quantized and parity-gated "
-                        "on first use, then cached; TensorRT int8/fp8 engines come from `iws-engine build`)")
+                   help="(default: %(default)s, exact; on the CPU, int8 (--backend onnxruntime) and bf16/fp16 "
+                        "(--backend inductor) are parity-gated on first use, then cached; TensorRT int8/fp8 engines "
+                        "come from `iws-engine build`)")
     g.add_argument("--artifacts", type=Path, metavar="DIR",
                    help="use an artefact made by `iws-engine build` (its manifest sets model, backend and precision)")
 

@@ -1,8 +1,10 @@
-"""Gated artefacts built on first use: `classify --precision int8` (and `bench`) without --artifacts.
+"""Gated artefacts built on first use: the fast CPU precisions in `classify` (and `bench`) without --artifacts.
 
-A precision that only runs from a built artefact (ONNX Runtime INT8: a calibrated QDQ graph) is
-built by `export.build.build` — the same export, calibration (the target's probe vignettes; for
-real calibration images run `iws-engine build --calib DIR` and pass --artifacts) and parity gate —
+The reduced precisions on the CPU — ONNX Runtime INT8 (a calibrated QDQ graph) and inductor's
+bf16/fp16 — run only once they passed the parity gate on the model at hand. Without --artifacts
+the artefact is built by `export.build.build` — the same export, calibration (INT8: the target's
+probe vignettes; for real calibration images run `iws-engine build --calib DIR` and pass
+--artifacts) and parity gate (inductor: a manifest only, the network compiles at load) —
 into a cache folder named after the model's sha256, backend, precision and device, and reused
 while its manifest fits (build's own cache check). A build the gate refused is remembered in that
 folder (manifest.failed.json), so later calls are refused at once with the same figures instead of
@@ -19,15 +21,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-#: (backend, precision) pairs that run only from a built, parity-gated artefact
-BUILT_ON_DEMAND = frozenset({("onnxruntime", "int8")})
 #: where the cache lives instead of ~/.cache/iws-engine (tests point it at a temporary folder)
 CACHE_ENV = "IWS_ENGINE_CACHE"
 FAILED_MANIFEST = "manifest.failed.json"
 
 
-def needs_artefact(backend: str, precision: str) -> bool:
-    return (backend, precision) in BUILT_ON_DEMAND
+def needs_artefact(backend: str, precision: str, device: str = "cpu") -> bool:
+    """Whether (backend, precision, device) runs only from a built, parity-gated artefact."""
+    if (backend, precision) == ("onnxruntime", "int8"):
+        return True
+    return backend == "inductor" and precision in ("bf16", "fp16") and not str(device).startswith("cuda")
 
 
 def cache_root() -> Path:
