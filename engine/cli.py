@@ -154,8 +154,11 @@ def cmd_classify(args) -> int:
         return EXIT_USAGE
     if not clf.trained:
         print("warning: the model is randomly initialised: throughput is valid, scores are not", file=sys.stderr)
+    parity = (getattr(clf, "manifest", None) or {}).get("parity") or {}  # an artefact's gate, when one ran
+    gated = (f" parity-gated: max |dp| {parity['max_abs_dp']:.3g} on {parity['probes']} probes,"
+             if "max_abs_dp" in parity else "")
     print(f"classified {n - failed}/{n} images in {stats.wall:.2f} s ({stats.throughput:.1f} img/s, "
-          f"{clf.runtime}, model {clf.model_id}, threshold {clf.threshold:g})"
+          f"{clf.runtime},{gated} model {clf.model_id}, threshold {clf.threshold:g})"
           + (f"; {failed} failed (see the error column)" if failed else ""), file=sys.stderr)
     return EXIT_INPUT_ERRORS if failed else EXIT_OK
 

@@ -255,8 +255,6 @@ def quantize_onnx_int8(target, onnx_path: Path, out_dir: Path, calib_files: list
     `calibration_batches` says; returns (its path, the manifest record)."""
     from iws_engine.export.quantize_int8 import DEFAULT_BATCH_SIZE, quantize_int8
 
-    if target.model != "sarcnn":
-        raise BuildError(f"--backend onnxruntime --precision int8 quantizes SAR_CNN only, not {target.model}")
     batches, source = calibration_batches(target, calib_files, DEFAULT_BATCH_SIZE)
     out = Path(out_dir) / INT8_ONNX
     try:
@@ -307,6 +305,8 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
     if calib_dir is not None and (backend, precision) not in CALIBRATED_BUILDS:
         raise BuildError("--calib is only used by --backend tensorrt --precision int8 or fp8 and "
                          "--backend onnxruntime --precision int8")
+    if (backend, precision) == ("onnxruntime", "int8") and target.model != "sarcnn":
+        raise BuildError(f"--backend onnxruntime --precision int8 quantizes SAR_CNN only, not {target.model}")
     calib_files = calibration_files(Path(calib_dir)) if calib_dir is not None else None
     calib_key = calibration_key(target.sha256, target.spec, calib_files) if calib_files else None
     if device.startswith("cuda"):

@@ -53,15 +53,18 @@ def _scores(csv_text: str) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def int8_classified(iws_weights, vignettes):
     """classify --precision int8 without an artefact: builds (gates) and caches it; and the fp32 run."""
+    from iws_engine.api import Classifier
+
     int8 = run_cli("classify", vignettes, "--weights", iws_weights, "--precision", "int8", "--no-progress")
-    fp32 = run_cli("classify", vignettes, "--weights", iws_weights, "--no-progress")
+    with Classifier(iws_weights) as clf:
+        fp32 = {r.path: r.score for r in clf.classify([vignettes])}
     return int8, fp32
 
 
 def test_int8_classify_builds_a_gated_artefact_on_the_real_checkpoint(int8_classified, iws_weights):
     int8, fp32 = int8_classified
     assert int8.returncode == 0, int8.stderr
-    assert "onnxruntime int8" in int8.stderr
+    assert "onnxruntime int8, parity-gated: max |dp| 0.01" in int8.stderr and "on 48 probes" in int8.stderr
     m = json.loads((_int8_folder(iws_weights) / "manifest.json").read_text())
     assert m["model_sha256"] == build.sha256_file(iws_weights) and m["artefact"] == build.INT8_ONNX
     p = m["parity"]
@@ -71,7 +74,7 @@ def test_int8_classify_builds_a_gated_artefact_on_the_real_checkpoint(int8_class
     assert q["op_types"] == {"Conv": 4, "Gemm": 2} and q["calibration"]["source"] == "probes"
     assert q["weights"]["granularity"] == "per output channel" and q["activations"]["type"] == "uint8"
     # on images that are not the probes, the scores stay within the gate's limit of fp32
-    got, ref = _scores(int8.stdout), _scores(fp32.stdout)
+    got, ref = _scores(int8.stdout), fp32
     assert got.keys() == ref.keys() and len(got) == 8
     assert max(abs(got[k] - ref[k]) for k in got) <= 2e-2
     assert got != ref  # it did run quantized
@@ -215,3 +218,14 @@ def test_bench_model_mode_measures_int8_next_to_fp32(iws_weights, int8_classifie
     assert all(r["throughput_img_s"]["mean"] > 0 for r in result["rows"])
     int8 = next(c for c in result["configs"] if c["precision"] == "int8")
     assert "error" not in int8 and int8["info"]["precision"] == "int8"
+
+
+def test_int8_on_onnxruntime_is_refused_for_eva02_before_any_export(tmp_path):
+    pytest.importorskip("xgboost", reason="xgboost (xgboost-cpu) is not installed")
+    from iws_engine.export.targets import Eva02XgbTarget
+    from tests.conftest import XGBOOST_MODEL, require
+
+    target = Eva02XgbTarget(None, require(XGBOOST_MODEL), eva_config="tiny")
+    with pytest.raises(build.BuildError, match="quantizes SAR_CNN only, not eva02xgb"):
+        build.build(target=target, backend="onnxruntime", precision="int8", out_dir=tmp_path / "art")
+    assert not (tmp_path / "art").exists()
