@@ -8,10 +8,11 @@ which ORT_ENABLE_ALL fuses into QLinearConv/QGemm kernels (VNNI/AMX where the CP
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError, cpu_cores
-
 
 PRECISIONS = ("fp32", "int8")
 
@@ -72,8 +73,6 @@ class OnnxRuntimeBackend(Backend):
 
 def _require_int8_graph(model) -> None:
     """int8 runs only a quantized graph: quantizing here would skip calibration and the parity gate."""
-    from pathlib import Path
-
     if not (isinstance(model, (str, Path)) and str(model).endswith(".onnx")):
         raise BackendError("onnxruntime int8 runs a quantized, parity-gated graph: build it with "
                            "`iws-engine build --backend onnxruntime --precision int8 [--calib DIR]` and pass "
