@@ -15,6 +15,7 @@ import numpy as np
 
 from iws_engine import backends
 from iws_engine.backends.base import sigmoid
+from iws_engine.export.artifact_cache import needs_artefact
 from iws_engine.loaders import create_loader
 from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS
 from iws_engine.outputs import Row
@@ -34,6 +35,12 @@ class Classifier:
         bench/results) and 256 on a GPU."""
         from iws_engine.export import weights as weights_io
 
+        if artifacts is None and needs_artefact(backend, precision, device):
+            # the fast CPU precisions run only once gated on this model: built once, then cached
+            from iws_engine.export.artifact_cache import cached_artifacts
+            from iws_engine.export.targets import SarcnnTarget
+
+            artifacts = cached_artifacts(SarcnnTarget(weights), backend, precision, device)
         if artifacts is not None:
             # a built, parity-checked artefact (iws-engine build): its manifest names weights and backend
             from iws_engine.export.build import load_artifacts

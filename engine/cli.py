@@ -41,8 +41,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"),
                    help="inference backend (default: onnxruntime for sarcnn, the fastest on CPU; torch for eva02xgb)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16"),
-                   help="(default: %(default)s; int8/fp8 engines come from `iws-engine build`)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16", "int8"),
+                   help="(default: %(default)s, exact; on the CPU, int8 (--backend onnxruntime) and bf16/fp16 "
+                        "(--backend inductor) are parity-gated on first use, then cached; TensorRT int8/fp8 engines "
+                        "come from `iws-engine build`)")
     g.add_argument("--artifacts", type=Path, metavar="DIR",
                    help="use an artefact made by `iws-engine build` (its manifest sets model, backend and precision)")
 
@@ -164,8 +166,11 @@ def cmd_classify(args) -> int:
         return EXIT_USAGE
     if not clf.trained:
         print("warning: the model is randomly initialised: throughput is valid, scores are not", file=sys.stderr)
+    parity = (getattr(clf, "manifest", None) or {}).get("parity") or {}  # an artefact's gate, when one ran
+    gated = (f" parity-gated: max |dp| {parity['max_abs_dp']:.3g} on {parity['probes']} probes,"
+             if "max_abs_dp" in parity else "")
     print(f"classified {n - failed}/{n} images in {stats.wall:.2f} s ({stats.throughput:.1f} img/s, "
-          f"{clf.runtime}, model {clf.model_id}, threshold {clf.threshold:g})"
+          f"{clf.runtime},{gated} model {clf.model_id}, threshold {clf.threshold:g})"
           + (f"; {failed} failed (see the error column)" if failed else ""), file=sys.stderr)
     return EXIT_INPUT_ERRORS if failed else EXIT_OK
 
@@ -430,8 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, metavar="DIR", help="default: artifacts/<model>-<backend>-<precision>")
     p.add_argument("--no-build", action="store_true", help="fail instead of (re)building when no fitting artefact exists")
     p.add_argument("--calib", type=Path, metavar="DIR",
-                   help="calibration PNGs for --backend tensorrt --precision int8 (entropy calibration) or fp8 "
-                        "(Q/DQ scales; default for fp8: synthetic probe vignettes)")
+                   help="calibration PNGs for --precision int8 (--backend tensorrt: entropy calibration; onnxruntime: "
+                        "QDQ ranges) or --backend tensorrt --precision fp8 (Q/DQ scales); default for fp8 and "
+                        "onnxruntime int8: synthetic probe vignettes")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="serve the model over HTTP (KServe v2 / Triton protocol), batching requests")

@@ -15,6 +15,7 @@ import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,11 @@ _DISTRIBUTIONS = {"tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")}
 CALIBRATION_CACHE = "calibration.cache"
 #: the FP8 Q/DQ graph a TensorRT fp8 engine is built from (+ its .data file for EVA02)
 FP8_ONNX = "model.fp8.onnx"
-#: fp8 without --calib calibrates on the target's probe vignettes drawn with this seed offset, so
+#: the INT8 QDQ graph ONNX Runtime runs for --backend onnxruntime --precision int8
+INT8_ONNX = "model.int8.onnx"
+#: builds that take --calib: TensorRT's INT8 calibrator and FP8 scales, ONNX Runtime's INT8 ranges
+CALIBRATED_BUILDS = (("tensorrt", "int8"), ("tensorrt", "fp8"), ("onnxruntime", "int8"))
+#: fp8/int8 without --calib calibrate on the target's probe vignettes drawn with this seed offset, so
 #: the parity gate never scores the images the scales came from
 FP8_PROBE_SEED_OFFSET = 1
 
@@ -210,25 +215,32 @@ def _build_tensorrt(target, precision: str, device: str, profile: BatchProfile, 
     return engine, info
 
 
-def quantize_onnx_fp8(target, onnx_path: Path, out_dir: Path, calib_files: list[str] | None) -> tuple[Path, dict]:
-    """The fp32 export → `FP8_ONNX` (FP8 Q/DQ, `export.quantize`); returns (its path, the manifest record).
+def calibration_batches(target, calib_files: list[str] | None, batch_size: int) -> tuple[Any, dict]:
+    """(batches of preprocessed calibration inputs, what they are for the manifest) for quantization.
 
-    Scales come from the --calib PNGs (through the model's own loader, as INT8 calibration) or,
-    without them, from the target's synthetic probe vignettes drawn with another seed than the
-    parity probes: a fallback that the record names as such.
+    The --calib PNGs go through the model's own loader (as TensorRT INT8 calibration); without
+    them, the target's synthetic probe vignettes drawn with another seed than the parity probes:
+    a fallback that the record names as such.
     """
-    from iws_engine.export.quantize import DEFAULT_BATCH_SIZE, quantize_fp8
     from iws_engine.export.targets import PROBE_SEED
 
     if calib_files:
-        batches = calibration_inputs(calib_files, target, DEFAULT_BATCH_SIZE)
-        source = {"source": "--calib", "files": len(calib_files)}
-    else:
-        seed = PROBE_SEED + FP8_PROBE_SEED_OFFSET
-        batches = [target.probe_inputs(target.default_probes, seed=seed)]
-        source = {"source": "probes", "seed": seed,
-                  "note": "fallback without --calib: synthetic probe vignettes (not the parity probes); "
-                          "pass --calib DIR with real images for production scales"}
+        return calibration_inputs(calib_files, target, batch_size), {"source": "--calib", "files": len(calib_files)}
+    seed = PROBE_SEED + FP8_PROBE_SEED_OFFSET
+    return [target.probe_inputs(target.default_probes, seed=seed)], {
+        "source": "probes", "seed": seed,
+        "note": "fallback without --calib: synthetic probe vignettes (not the parity probes); "
+                "pass --calib DIR with real images for production scales"}
+
+
+def quantize_onnx_fp8(target, onnx_path: Path, out_dir: Path, calib_files: list[str] | None) -> tuple[Path, dict]:
+    """The fp32 export → `FP8_ONNX` (FP8 Q/DQ, `export.quantize`); returns (its path, the manifest record).
+
+    Scales come from `calibration_batches`: the --calib PNGs or the target's probe vignettes.
+    """
+    from iws_engine.export.quantize import DEFAULT_BATCH_SIZE, quantize_fp8
+
+    batches, source = calibration_batches(target, calib_files, DEFAULT_BATCH_SIZE)
     out = Path(out_dir) / FP8_ONNX
     try:
         summary = quantize_fp8(onnx_path, out, batches)
@@ -236,6 +248,20 @@ def quantize_onnx_fp8(target, onnx_path: Path, out_dir: Path, calib_files: list[
         raise BuildError(f"fp8 quantization of {onnx_path} failed: {e}") from e
     return out, {**summary, "calibration": {**summary["calibration"], **source}, "onnx": out.name,
                  "onnx_sha256": sha256_file(out)}
+
+
+def quantize_onnx_int8(target, onnx_path: Path, out_dir: Path, calib_files: list[str] | None) -> tuple[Path, dict]:
+    """The fp32 export → `INT8_ONNX` (ONNX Runtime QDQ, `export.quantize_int8`), calibrated as
+    `calibration_batches` says; returns (its path, the manifest record)."""
+    from iws_engine.export.quantize_int8 import DEFAULT_BATCH_SIZE, quantize_int8
+
+    batches, source = calibration_batches(target, calib_files, DEFAULT_BATCH_SIZE)
+    out = Path(out_dir) / INT8_ONNX
+    try:
+        summary = quantize_int8(onnx_path, out, batches)
+    except ValueError as e:
+        raise BuildError(f"int8 quantization of {onnx_path} failed: {e}") from e
+    return out, {**summary, "calibration": {**summary["calibration"], **source}}
 
 
 def _build_torch_tensorrt(target, precision: str, device: str, profile: BatchProfile, out_dir: Path) -> Path:
@@ -276,8 +302,11 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
         raise BuildError("give the weights through the target, not also as weights_path")
     if precision not in PARITY_TOLERANCE:
         raise BuildError(f"unknown precision {precision!r}; choose from {', '.join(PARITY_TOLERANCE)}")
-    if calib_dir is not None and (backend, precision) not in (("tensorrt", "int8"), ("tensorrt", "fp8")):
-        raise BuildError("--calib is only used by --backend tensorrt --precision int8 or fp8")
+    if calib_dir is not None and (backend, precision) not in CALIBRATED_BUILDS:
+        raise BuildError("--calib is only used by --backend tensorrt --precision int8 or fp8 and "
+                         "--backend onnxruntime --precision int8")
+    if (backend, precision) == ("onnxruntime", "int8") and target.model != "sarcnn":
+        raise BuildError(f"--backend onnxruntime --precision int8 quantizes SAR_CNN only, not {target.model}")
     calib_files = calibration_files(Path(calib_dir)) if calib_dir is not None else None
     calib_key = calibration_key(target.sha256, target.spec, calib_files) if calib_files else None
     if device.startswith("cuda"):
@@ -305,6 +334,9 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
     artefact, artefact_build = None, None
     if backend == "onnxruntime":
         artefact = source = export_onnx(target.source, out_dir / "model.onnx", input_shape=target.input_shape)
+        if precision == "int8":
+            artefact, quantization = quantize_onnx_int8(target, artefact, out_dir, calib_files)
+            source, artefact_build = artefact, {"quantization": quantization}
     elif backend == "tensorrt":
         artefact, artefact_build = _build_tensorrt(target, precision, device, profile, out_dir, calib_files, calib_key)
         source = artefact
@@ -334,9 +366,10 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
         "artefact_sha256": sha256_file(artefact) if artefact else None,
         "artefact_data": _external_data(artefact),
         "artefact_build": artefact_build,
-        # fp8: no calibration cache; its scales are in artefact_build.quantization
+        # fp8 and ONNX Runtime int8: no calibration cache; their scales are in artefact_build.quantization
         "calibration": ({"key": calib_key, "images": len(calib_files),
-                         "cache": CALIBRATION_CACHE if precision == "int8" else None} if calib_files else None),
+                         "cache": CALIBRATION_CACHE if (backend, precision) == ("tensorrt", "int8") else None}
+                        if calib_files else None),
         "environment": env,
         "backend_info": info,
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

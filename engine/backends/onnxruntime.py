@@ -1,22 +1,29 @@
 """ONNX Runtime: the fastest CPU backend (CPU execution provider, intra-op threads = cores).
 
 CUDA/TensorRT execution providers are used when an onnxruntime-gpu install offers them and
-`device="cuda"` is asked for.
+`device="cuda"` is asked for. fp32 runs the model as exported; int8 runs an INT8 QDQ graph made
+and parity-gated by `iws-engine build --backend onnxruntime --precision int8` (export/quantize_int8.py),
+which ORT_ENABLE_ALL fuses into QLinearConv/QGemm kernels (VNNI/AMX where the CPU has them).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from iws_engine.backends.base import Backend, BackendError, cpu_cores
+
+PRECISIONS = ("fp32", "int8")
 
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, precision: str = "fp32", device: str = "cpu", threads: int | None = None):
-        if precision != "fp32":
-            raise BackendError(f"onnxruntime backend: only fp32 is supported here, not {precision!r}")
+        if precision not in PRECISIONS:
+            raise BackendError(f"onnxruntime backend: precision {precision!r} is not supported "
+                               f"({', '.join(PRECISIONS)})")
         super().__init__(precision, device)
         self.threads = threads
 
@@ -25,6 +32,8 @@ class OnnxRuntimeBackend(Backend):
 
         from iws_engine.export.onnx import onnx_session_source
 
+        if self.precision == "int8":
+            _require_int8_graph(model)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or cpu_cores()
         opts.inter_op_num_threads = 1
@@ -60,6 +69,18 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         return {"onnxruntime": ort.__version__}
+
+
+def _require_int8_graph(model) -> None:
+    """int8 runs only a quantized graph: quantizing here would skip calibration and the parity gate."""
+    if not (isinstance(model, (str, Path)) and str(model).endswith(".onnx")):
+        raise BackendError("onnxruntime int8 runs a quantized, parity-gated graph: build it with "
+                           "`iws-engine build --backend onnxruntime --precision int8 [--calib DIR]` and pass "
+                           "--artifacts (classify --precision int8 builds it on first use)")
+    from iws_engine.export.quantize_int8 import is_int8_graph
+
+    if not is_int8_graph(model):
+        raise BackendError(f"onnxruntime int8: {model} holds no INT8 Q/DQ nodes")
 
 
 def _to_host(batch):

@@ -10,7 +10,8 @@ compared. A test fails when its ratio exceeds the committed baseline
 
 Refresh the baseline on a quiet CI-class machine (2 cores) after an intended change:
     IWS_PERF_UPDATE=1 .venv/bin/python -m pytest tests/perf -q
-and commit bench/baselines/cpu_hot_paths.json with a message saying why.
+and commit bench/baselines/cpu_hot_paths.json with a message saying why (add `-k NAME` to refresh
+one entry only: each test rewrites just its own key).
 """
 
 from __future__ import annotations
@@ -135,6 +136,21 @@ def test_onnxruntime_inference(benchmark, random_model):
     x = np.random.default_rng(2).standard_normal((8, 1, 256, 256)).astype(np.float32)
     out = np.empty(8, np.float32)
     _check("onnxruntime_sarcnn_b8", benchmark, lambda: b.infer(x, out), _arithmetic_reference())
+
+
+def test_onnxruntime_int8_inference(benchmark, random_model, tmp_path):
+    """The INT8 QDQ graph (fused QLinearConv/QGemm kernels), calibrated here on noise: speed only."""
+    from iws_engine import backends
+    from iws_engine.export import weights
+    from iws_engine.export.onnx import export_onnx
+    from iws_engine.export.quantize_int8 import quantize_int8
+
+    x = np.random.default_rng(2).standard_normal((8, 1, 256, 256)).astype(np.float32)
+    source = export_onnx(weights.load(random_model), tmp_path / "model.onnx")
+    quantize_int8(source, tmp_path / "model.int8.onnx", [x])
+    b = backends.create("onnxruntime", precision="int8", threads=1).load(tmp_path / "model.int8.onnx", (1, 256, 256))
+    out = np.empty(8, np.float32)
+    _check("onnxruntime_int8_sarcnn_b8", benchmark, lambda: b.infer(x, out), _arithmetic_reference())
 
 
 def test_end_to_end_classify(benchmark, random_model, vignette_png, inflate_reference):
