@@ -1,5 +1,6 @@
 // Unfiltered PNG scanlines -> the model's input, bit for bit as engine/preprocess.py computes it
-// for resize="julia-imresize-linear", order="resize-then-grey", grey="rec601-fixedpoint":
+// for resize="julia-imresize-linear", order="resize-then-grey", grey="rec601-fixedpoint"
+// (the per-pixel arithmetic is julia_resize_math.cuh, shared with the native CPU decoder):
 //
 //   per colour channel (alpha is dropped first):  v = rw0*(cw0*A/peak + cw1*B/peak) + rw1*(cw0*C/peak + cw1*D/peak)
 //                                                 code = rint(v * peak)              (float64, half-to-even)
@@ -29,6 +30,8 @@
 // thread per output pixel reads its 2x2 source pixels (each colour channel, 8- or 16-bit samples
 // stored big-endian) and writes one value to out[out_index][y][x] (NCHW with C = 1).
 
+#include "julia_resize_math.cuh"
+
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -51,23 +54,15 @@ __device__ __forceinline__ u32 load_sample(const u8* p, u32 sample_bytes) {
     return sample_bytes == 2 ? ((u32)p[0] << 8) | (u32)p[1] : (u32)p[0];
 }
 
-// w0*a + w1*b as NumPy evaluates it: two rounded products, one rounded sum.
-__device__ __forceinline__ double two_tap(double w0, double a, double w1, double b) {
-    return __dadd_rn(__dmul_rn(w0, a), __dmul_rn(w1, b));
-}
-
 // One colour channel of the resized image, as a fixed-point code (preprocess.julia_imresize).
 __device__ __forceinline__ u32 resized_code(const u8* row0, const u8* row1, u32 x0, u32 x1, u32 channel_byte,
                                             u32 sample_bytes, double peak, double cw0, double cw1, double rw0,
                                             double rw1, u32 pixel_bytes) {
-    const double a = __ddiv_rn((double)load_sample(row0 + x0 * pixel_bytes + channel_byte, sample_bytes), peak);
-    const double b = __ddiv_rn((double)load_sample(row0 + x1 * pixel_bytes + channel_byte, sample_bytes), peak);
-    const double c = __ddiv_rn((double)load_sample(row1 + x0 * pixel_bytes + channel_byte, sample_bytes), peak);
-    const double d = __ddiv_rn((double)load_sample(row1 + x1 * pixel_bytes + channel_byte, sample_bytes), peak);
-    const double top = two_tap(cw0, a, cw1, b);     // along the row (columns) first...
-    const double bottom = two_tap(cw0, c, cw1, d);
-    const double v = two_tap(rw0, top, rw1, bottom);  // ...then along the column
-    return (u32)rint(__dmul_rn(v, peak));
+    return iws_resized_code(load_sample(row0 + x0 * pixel_bytes + channel_byte, sample_bytes),
+                            load_sample(row0 + x1 * pixel_bytes + channel_byte, sample_bytes),
+                            load_sample(row1 + x0 * pixel_bytes + channel_byte, sample_bytes),
+                            load_sample(row1 + x1 * pixel_bytes + channel_byte, sample_bytes), peak, cw0, cw1, rw0,
+                            rw1);
 }
 
 __device__ __forceinline__ u16 float_to_half_bits(float v) {
@@ -108,11 +103,9 @@ extern "C" __global__ void grey_resize_normalise(
                                        job.pixel_bytes);
         const u32 blue = resized_code(row0, row1, x0, x1, 2 * job.sample_bytes, job.sample_bytes, peak, cw0, cw1, rw0,
                                       rw1, job.pixel_bytes);
-        const u32 luma = 299u * red + 587u * green + 114u * blue;  // <= 65,535,000: fits 32 bits
-        grey = (u32)rintf(__fmul_rn(luma_scale, __uint2float_rn(luma)));
+        grey = iws_luma_grey(red, green, blue, luma_scale);
     }
-    const float scaled = __fdiv_rn((float)grey, (float)peak_code);
-    const float value = __fdiv_rn(__fsub_rn(scaled, mean), std_dev);
+    const float value = iws_normalise(grey, peak_code, mean, std_dev);
 
     const u64 index = ((u64)job.out_index * out_height + y) * out_width + x;
     if (out_fp16) {

@@ -1,7 +1,8 @@
 // PNG scanline unfiltering (filter method 0: None, Sub, Up, Average, Paeth) for a batch of images.
 //
-// One source of truth: compiled at run time with NVRTC (engine/loaders/gpu.py, through CuPy) and
-// compile-checked by nvcc in CI (CMakeLists.txt). No host headers, so NVRTC needs no include path.
+// One source of truth: compiled at run time with NVRTC (engine/loaders/gpu.py, through CuPy, with -I on this
+// folder) and compile-checked by nvcc in CI (CMakeLists.txt). The per-byte reconstruction is
+// png_filter_math.cuh, which the native CPU decoder includes too (so CI tests this arithmetic on the CPU).
 //
 // Input: the inflated IDAT data of each image (one filter byte, then `row_bytes` bytes, per row),
 // anywhere in one batch buffer. Output: the unfiltered scanlines (samples big-endian, as in the
@@ -25,6 +26,8 @@
 //
 // Status: a filter type > 4 sets UNFILTER_BAD_FILTER for that image (its output is then
 // meaningless; the loader re-decodes such images on the CPU for the precise error).
+
+#include "png_filter_math.cuh"
 
 typedef unsigned char u8;
 typedef unsigned int u32;
@@ -59,15 +62,6 @@ __device__ __forceinline__ void store_pixel(u8* p, u64 v) {
     for (int k = 0; k < BPP; ++k) p[k] = (u8)(v >> (8 * k));
 }
 
-__device__ __forceinline__ u32 paeth_predictor(u32 a, u32 b, u32 c) {
-    // PNG spec 9.4 with p = a + b - c, written without the intermediate p.
-    const int pa = abs((int)b - (int)c);
-    const int pb = abs((int)a - (int)c);
-    const int pc = abs((int)a + (int)b - 2 * (int)c);
-    if (pa <= pb && pa <= pc) return a;
-    return pb <= pc ? b : c;
-}
-
 // One pixel (BPP byte lanes) of a row with filter type `filter`; x is the filtered pixel.
 template <int BPP>
 __device__ __forceinline__ u64 reconstruct_pixel(u32 filter, u64 x, u64 a, u64 b, u64 c) {
@@ -79,12 +73,7 @@ __device__ __forceinline__ u64 reconstruct_pixel(u32 filter, u64 x, u64 a, u64 b
         const u32 ak = (u32)(a >> shift) & 0xffu;
         const u32 bk = (u32)(b >> shift) & 0xffu;
         const u32 ck = (u32)(c >> shift) & 0xffu;
-        u32 predicted = 0;  // None, and invalid types (flagged by the caller)
-        if (filter == 1) predicted = ak;
-        else if (filter == 2) predicted = bk;
-        else if (filter == 3) predicted = (ak + bk) >> 1;
-        else if (filter == 4) predicted = paeth_predictor(ak, bk, ck);
-        out |= (u64)((xk + predicted) & 0xffu) << shift;
+        out |= (u64)iws_unfilter_byte(filter, xk, ak, bk, ck) << shift;  // invalid types: flagged by the caller
     }
     return out;
 }
