@@ -34,7 +34,12 @@ try:  # optional: a faster inflate (libdeflate); zlib is the fallback and the er
 except ImportError:  # pragma: no cover - depends on the install
     _libdeflate = None
 
-__all__ = ["PngError", "PngInfo", "parse_png", "inflate_idat", "decode_png", "decode_png_file"]
+try:  # the native core's CRC-32 (libdeflate's, ~10x zlib's on a vignette's IDAT); same values as zlib.crc32
+    from iws_engine.kernels._cpu_decode import crc32 as _crc32
+except ImportError:  # pragma: no cover - depends on the install
+    _crc32 = zlib.crc32
+
+__all__ = ["PngError", "PngInfo", "parse_png", "inflate_idat", "decode_png", "decode_parsed", "decode_png_file"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_UINT31 = 2**31 - 1
@@ -220,7 +225,7 @@ def parse_png(
         body = buf[pos + 8 : pos + 8 + length]
         if verify_crc:
             stored = int.from_bytes(buf[end - 4 : end], "big")
-            actual = zlib.crc32(body, zlib.crc32(ctype))
+            actual = _crc32(body, _crc32(ctype))
             if stored != actual:
                 reason = f"CRC mismatch in {name} chunk at byte {pos} (stored {stored:08x}, computed {actual:08x})"
                 raise PngError(reason, path)
@@ -423,7 +428,11 @@ def decode_png(
       through ctypes with PNGFiles.jl's call sequence (tests/test_png.py, when libpng16 exists).
     - bKGD, iCCP, cHRM and the other ancillary chunks are ignored (PNGFiles' default).
     """
-    info = parse_png(data, path=path, max_pixels=max_pixels)
+    return decode_parsed(parse_png(data, path=path, max_pixels=max_pixels), path=path)
+
+
+def decode_parsed(info: PngInfo, *, path: str | os.PathLike[str] | None = None) -> np.ndarray:
+    """decode_png for a file parse_png has already checked."""
     raw = inflate_idat(info, path=path)
     _check_filter_types(info, raw, path)
     samples = _unfilter_with_opencv(info, raw, path)
