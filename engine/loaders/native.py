@@ -16,7 +16,17 @@ import os
 
 import numpy as np
 
-from iws_engine.loaders.png import GREY, GREY_ALPHA, RGB, RGBA, PngError, PngInfo, _gamma_lut_for, _inflate_idat_zlib
+from iws_engine.loaders.png import (
+    _LIBPNG_USER_LIMIT,
+    GREY,
+    GREY_ALPHA,
+    RGB,
+    RGBA,
+    PngError,
+    PngInfo,
+    _gamma_lut_for,
+    _inflate_idat_zlib,
+)
 from iws_engine.preprocess import PreprocessSpec, imresize_axis_weights
 
 try:  # built by `pip install` (setup.py -> CMakeLists.txt); absent in a source tree that was never built
@@ -40,9 +50,11 @@ def inflater() -> str | None:
 
 
 def handles(info: PngInfo) -> bool:
-    """Whether decode_preprocess takes this file (else the general decoder does)."""
+    """Whether decode_preprocess takes this file (else the general decoder does, which also refuses sides over
+    libpng's user limit, as Julia's PNGFiles would)."""
     return (_core is not None and not info.interlace and info.bit_depth in (8, 16)
-            and info.color_type in (GREY, GREY_ALPHA, RGB, RGBA) and _gamma_lut_for(info) is None)
+            and info.color_type in (GREY, GREY_ALPHA, RGB, RGBA) and _gamma_lut_for(info) is None
+            and max(info.width, info.height) <= _LIBPNG_USER_LIMIT)
 
 
 def decode_preprocess(info: PngInfo, spec: PreprocessSpec, out: np.ndarray, *,
