@@ -107,7 +107,7 @@ def write_seeds(seeds: Path) -> int:
     return n
 
 
-def run(seconds: int | None, runs: int | None, corpus: Path | None = None) -> dict:
+def run(seconds: int | None, runs: int | None, corpus: Path | None = None, jobs: int = 1) -> dict:
     module = build_sanitized()
     seeds = BUILD / "seeds"
     shutil.rmtree(seeds, ignore_errors=True)
@@ -127,19 +127,30 @@ def run(seconds: int | None, runs: int | None, corpus: Path | None = None) -> di
     if seconds is not None:
         args.append(f"-max_total_time={seconds}")
     if runs is not None:
-        args.append(f"-runs={runs}")
+        args.append(f"-runs={runs}")  # per job
+    job_dir = BUILD / "jobs"  # libFuzzer writes fuzz-<i>.log for each job into its working directory
+    shutil.rmtree(job_dir, ignore_errors=True)
+    job_dir.mkdir(parents=True)
+    if jobs > 1:
+        args += [f"-jobs={jobs}", f"-workers={jobs}"]
     t0 = time.time()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, cwd=job_dir)
     wall = time.time() - t0
-    log = proc.stdout + proc.stderr
-    (BUILD / "last-campaign.log").write_text(log)
-    stats = dict(re.findall(r"^stat::(\w+):\s*(\d+)", log, re.M))
+    logs = [proc.stdout + proc.stderr, *(p.read_text(errors="replace") for p in sorted(job_dir.glob("fuzz-*.log")))]
+    (BUILD / "last-campaign.log").write_text("\n".join(logs))
+    per_job = [dict(re.findall(r"^stat::(\w+):\s*(\d+)", log, re.M)) for log in logs]
+    per_job = [s for s in per_job if s]
+    total = lambda key: sum(int(s.get(key, 0)) for s in per_job)  # noqa: E731
     findings = sorted(p.name for p in artifacts.iterdir())
+    # with -jobs the parent's own status is not the jobs' (each log says how its job ended)
+    failed = (jobs == 1 and proc.returncode != 0) or any(
+        re.search(r"ERROR: (AddressSanitizer|UndefinedBehaviorSanitizer|libFuzzer)|runtime error:|Uncaught Python exception",
+                  log) for log in logs)
     return {
-        "returncode": proc.returncode, "wall_s": wall, "seeds": n_seeds,
-        "executions": int(stats.get("number_of_executed_units", 0)), "exec_per_s": int(stats.get("average_exec_per_sec", 0)),
-        "new_units": int(stats.get("new_units_added", 0)), "peak_rss_mb": int(stats.get("peak_rss_mb", 0)),
-        "corpus_files": len(list(corpus.iterdir())), "findings": findings, "log_tail": log[-3000:],
+        "returncode": proc.returncode, "failed": failed, "wall_s": wall, "seeds": n_seeds, "jobs": jobs,
+        "executions": total("number_of_executed_units"), "exec_per_s": total("average_exec_per_sec"),
+        "new_units": total("new_units_added"), "peak_rss_mb": max((int(s.get("peak_rss_mb", 0)) for s in per_job), default=0),
+        "corpus_files": len(list(corpus.iterdir())), "findings": findings, "log_tail": logs[-1][-3000:],
     }
 
 
@@ -154,12 +165,14 @@ def summary_markdown(r: dict, command: str) -> str:
         f"Command: `{command}`; {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"inflate: {_cpu_decode.INFLATER}.",
         "",
-        "| executions | exec/s | wall | seeds | corpus files at the end | new units | peak RSS | findings |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| {r['executions']:,} | {r['exec_per_s']} | {r['wall_s'] / 60:.1f} min | {r['seeds']} | {r['corpus_files']} | "
+        "| executions | jobs | exec/s (sum) | wall | seeds | corpus files at the end | new units | peak RSS | findings |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {r['executions']:,} | {r['jobs']} | {r['exec_per_s']} | {r['wall_s'] / 60:.1f} min | {r['seeds']} | {r['corpus_files']} | "
         f"{r['new_units']} | {r['peak_rss_mb']} MB | {', '.join(r['findings']) or 'none'} |",
         "",
-        "libFuzzer's last lines:",
+        f"Result: {'FINDINGS (see build/fuzz/artifacts)' if r['failed'] or r['findings'] else 'no crash, no sanitizer report'}.",
+        "",
+        "libFuzzer's last lines (last job):",
         "",
         "```",
         *r["log_tail"].strip().splitlines()[-12:],
@@ -173,17 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=int, help="stop after this many seconds")
     p.add_argument("--runs", type=int, help="stop after this many executions")
     p.add_argument("--corpus", type=Path, help="working corpus folder (default build/fuzz/corpus)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel fuzzing processes (--runs counts per job)")
     p.add_argument("--summary", type=Path, help="write a Markdown summary here")
     a = p.parse_args(argv)
     if a.seconds is None and a.runs is None:
         p.error("give --seconds and/or --runs")
-    r = run(a.seconds, a.runs, a.corpus)
+    r = run(a.seconds, a.runs, a.corpus.resolve() if a.corpus else None, a.jobs)
     print(r["log_tail"][-1500:])
     print({k: v for k, v in r.items() if k != "log_tail"})
     if a.summary:
         a.summary.parent.mkdir(parents=True, exist_ok=True)
         a.summary.write_text(summary_markdown(r, "python tests/fuzz/campaign.py " + " ".join(argv or sys.argv[1:])))
-    return 0 if r["returncode"] == 0 and not r["findings"] else 1
+    return 0 if not r["failed"] and not r["findings"] else 1
 
 
 if __name__ == "__main__":

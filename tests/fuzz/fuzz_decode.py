@@ -109,7 +109,9 @@ def test_one_input(data: bytes) -> None:
 def main() -> None:
     if _core is None:
         raise SystemExit("the native core is not built: nothing to fuzz")
-    atheris.Setup(sys.argv, test_one_input)
+    # -jobs/-fork: libFuzzer starts its children through the shell with argv[0], which must run this interpreter
+    argv = [f"{sys.executable} {os.path.abspath(__file__)}", *sys.argv[1:]]
+    atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
 
 
