@@ -31,18 +31,18 @@ REGRESSIONS = ROOT / "tests" / "corpus" / "fuzz"
 PNGSUITE = ROOT.parent / "shared" / "reference" / "pngsuite"
 
 
-def build_sanitized() -> Path:
-    """Configure (once) and build the ASan+UBSan module; returns its path."""
+def build_sanitized(build: Path = BUILD) -> Path:
+    """Configure (once) and build the ASan+UBSan module in `build`; returns its path."""
     cmake = shutil.which("cmake")
     if cmake is None:
         raise RuntimeError("cmake is not on PATH")
-    if not (BUILD / "CMakeCache.txt").is_file():
-        subprocess.run([cmake, "-S", str(ROOT), "-B", str(BUILD), "-DIWS_NATIVE=ON", "-DIWS_SANITIZE=ON",
+    if not (build / "CMakeCache.txt").is_file():
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), "-DIWS_NATIVE=ON", "-DIWS_SANITIZE=ON",
                         "-DIWS_CUDA_CHECK=OFF", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
                         f"-DPython_EXECUTABLE={sys.executable}"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([cmake, "--build", str(BUILD), "-j", str(os.cpu_count() or 2)], check=True,
+    subprocess.run([cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)], check=True,
                    stdout=subprocess.DEVNULL)
-    return next(BUILD.glob("_cpu_decode*" + sysconfig.get_config_var("EXT_SUFFIX")))
+    return next(build.glob("_cpu_decode*" + sysconfig.get_config_var("EXT_SUFFIX")))
 
 
 def asan_runtime() -> str:
@@ -54,11 +54,11 @@ def asan_runtime() -> str:
     return path
 
 
-def build_cov_forward() -> Path:
+def build_cov_forward(build: Path = BUILD) -> Path:
     source = Path(__file__).resolve().with_name("cov_forward.c")
-    target = BUILD / "cov_forward.so"
+    target = build / "cov_forward.so"
     if not target.is_file() or target.stat().st_mtime < source.stat().st_mtime:
-        BUILD.mkdir(parents=True, exist_ok=True)
+        build.mkdir(parents=True, exist_ok=True)
         subprocess.run([os.environ.get("CC", "gcc"), "-O2", "-shared", "-fPIC", str(source), "-o", str(target), "-ldl"],
                        check=True)
     return target
@@ -107,18 +107,19 @@ def write_seeds(seeds: Path) -> int:
     return n
 
 
-def run(seconds: int | None, runs: int | None, corpus: Path | None = None, jobs: int = 1) -> dict:
-    module = build_sanitized()
-    seeds = BUILD / "seeds"
+def run(seconds: int | None, runs: int | None, corpus: Path | None = None, jobs: int = 1, build: Path = BUILD) -> dict:
+    """One campaign; `build` holds the sanitized build, seeds, corpus (unless given), artifacts and logs."""
+    module = build_sanitized(build)
+    seeds = build / "seeds"
     shutil.rmtree(seeds, ignore_errors=True)
     n_seeds = write_seeds(seeds)
-    corpus = corpus or BUILD / "corpus"
+    corpus = corpus or build / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    artifacts = BUILD / "artifacts"
+    artifacts = build / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     # Preload order: cov_forward.c's hooks first (they hand atheris' coverage to its libFuzzer; libasan's weak stubs
     # would swallow it), then ASan, still ahead of libc so it interposes malloc (verify_asan_link_order=0 allows it).
-    preload = f"{build_cov_forward()}:{asan_runtime()}"
+    preload = f"{build_cov_forward(build)}:{asan_runtime()}"
     env = dict(os.environ, IWS_FUZZ_MODULE=str(module), LD_PRELOAD=preload, IWS_LIBFUZZER_CORE=libfuzzer_core(),
                ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:verify_asan_link_order=0",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
@@ -128,7 +129,7 @@ def run(seconds: int | None, runs: int | None, corpus: Path | None = None, jobs:
         args.append(f"-max_total_time={seconds}")
     if runs is not None:
         args.append(f"-runs={runs}")  # per job
-    job_dir = BUILD / "jobs"  # libFuzzer writes fuzz-<i>.log for each job into its working directory
+    job_dir = build / "jobs"  # libFuzzer writes fuzz-<i>.log for each job into its working directory
     shutil.rmtree(job_dir, ignore_errors=True)
     job_dir.mkdir(parents=True)
     if jobs > 1:
@@ -137,7 +138,7 @@ def run(seconds: int | None, runs: int | None, corpus: Path | None = None, jobs:
     proc = subprocess.run(args, env=env, capture_output=True, text=True, cwd=job_dir)
     wall = time.time() - t0
     logs = [proc.stdout + proc.stderr, *(p.read_text(errors="replace") for p in sorted(job_dir.glob("fuzz-*.log")))]
-    (BUILD / "last-campaign.log").write_text("\n".join(logs))
+    (build / "last-campaign.log").write_text("\n".join(logs))
     per_job = [dict(re.findall(r"^stat::(\w+):\s*(\d+)", log, re.M)) for log in logs]
     per_job = [s for s in per_job if s]
     total = lambda key: sum(int(s.get(key, 0)) for s in per_job)  # noqa: E731
