@@ -138,27 +138,34 @@ bool inflate_exact(ThreadState& st, const uint8_t* in, size_t in_size, uint8_t* 
 #endif
 }
 
-// R == G == B in every pixel of every row of the filtered stream (bpp = pixel bytes, sb = sample bytes).
-bool filtered_lanes_grey(const uint8_t* raw, size_t height, size_t row_bytes, size_t bpp, size_t sb) {
-    const size_t width = row_bytes / bpp;
+// R == G == B in every pixel of every row of the filtered stream: one load per pixel (BPP bytes, little-endian), the
+// R sample compared with G and G with B by one shift and xor (SB = bytes per sample); branch-free within a row so the
+// compiler vectorises it.
+template <size_t BPP, size_t SB>
+bool filtered_lanes_grey_t(const uint8_t* raw, size_t height, size_t row_bytes) {
+    const size_t width = row_bytes / BPP;
+    constexpr uint64_t rgb_mask = SB == 2 ? 0xffffffffull : 0xffffull;  // R^G and G^B, alpha excluded
     for (size_t y = 0; y < height; ++y) {
         const uint8_t* p = raw + y * (row_bytes + 1) + 1;
-        unsigned diff = 0;  // accumulated without branches so the compiler vectorises the loop
-        if (sb == 2) {
-            for (size_t x = 0; x < width; ++x) {
-                const uint8_t* q = p + x * bpp;
-                diff |= (unsigned)(q[0] ^ q[2]) | (unsigned)(q[1] ^ q[3]) | (unsigned)(q[0] ^ q[4]) |
-                        (unsigned)(q[1] ^ q[5]);
-            }
-        } else {
-            for (size_t x = 0; x < width; ++x) {
-                const uint8_t* q = p + x * bpp;
-                diff |= (unsigned)(q[0] ^ q[1]) | (unsigned)(q[0] ^ q[2]);
-            }
+        uint64_t diff = 0;
+        for (size_t x = 0; x < width; ++x) {
+            uint64_t v = 0;
+            std::memcpy(&v, p + x * BPP, BPP);
+            diff |= (v ^ (v >> (8 * SB))) & rgb_mask;
         }
         if (diff) return false;
     }
     return true;
+}
+
+bool filtered_lanes_grey(const uint8_t* raw, size_t height, size_t row_bytes, size_t bpp) {
+    switch (bpp) {  // RGB8, RGBA8, RGB16, RGBA16
+        case 3: return filtered_lanes_grey_t<3, 1>(raw, height, row_bytes);
+        case 4: return filtered_lanes_grey_t<4, 1>(raw, height, row_bytes);
+        case 6: return filtered_lanes_grey_t<6, 2>(raw, height, row_bytes);
+        case 8: return filtered_lanes_grey_t<8, 2>(raw, height, row_bytes);
+        default: return false;
+    }
 }
 
 // Unfilter one row of LANES bytes per pixel, taken from pixels of `src_stride` bytes in the filtered row and written
@@ -362,7 +369,7 @@ std::tuple<int, long, long> decode_preprocess(Bytes data, bool is_raw, uint32_t 
 
     // The channels that reach grey: 1 (grey, grey+alpha, or R of an R=G=B image) or 3 (R, G, B).
     bool lanes_only = channels_stored <= 2;
-    if (!lanes_only && !force_full) lanes_only = filtered_lanes_grey(raw, height, row_bytes, bpp, sb);
+    if (!lanes_only && !force_full) lanes_only = filtered_lanes_grey(raw, height, row_bytes, bpp);
     const size_t lanes = lanes_only ? sb : bpp;
     uint8_t* pixels = st.pixels.get(height * width * lanes);
     unfilter_image(raw, height, row_bytes, bpp, lanes, pixels);

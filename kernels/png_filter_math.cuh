@@ -25,7 +25,7 @@ IWS_HD IWS_INLINE unsigned iws_paeth_predictor(unsigned a, unsigned b, unsigned 
     pb = pb < 0 ? -pb : pb;
     pc = pc < 0 ? -pc : pc;
     const unsigned b_or_c = pb <= pc ? b : c;
-    return (pa <= pb && pa <= pc) ? a : b_or_c;
+    return ((pa <= pb) & (pa <= pc)) ? a : b_or_c;  // & rather than &&: no short-circuit branch
 }
 
 // The predictor of filter type `filter`; 0 for None and for invalid types (which the callers flag).
