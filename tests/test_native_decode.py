@@ -248,3 +248,38 @@ def test_cpu_loader_batches_and_scores_equal_the_reference(vignette_field) -> No
     for a, b in zip(loader.batches(blobs), reference.batches(blobs)):
         assert a.ok == b.ok and a.errors == b.errors
         assert_bits_equal(a.inputs, b.inputs)
+
+
+def test_the_gil_is_released_while_decoding() -> None:
+    """Decode threads scale across cores only if the core runs without the GIL: while one thread is inside a long
+    native decode, another keeps running Python code."""
+    import threading
+    import time
+
+    from iws_engine.kernels import _cpu_decode as core
+    from iws_engine.preprocess import imresize_axis_weights
+
+    height, width = 1500, 1500
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (height, 1 + width * 8), dtype=np.uint8)
+    raw[:, 0] = rng.integers(0, 5, height)  # valid filter types, the rest random: a colour image, full path
+    cols, rows = imresize_axis_weights(width, 256, False), imresize_axis_weights(height, 256, False)
+    out = np.empty((256, 256), np.float32)
+    inside = threading.Event()
+    status = []
+
+    def decode():
+        inside.set()
+        status.append(core.decode_preprocess(raw.reshape(-1), True, 0, width, height, 16, 6, cols.i0, cols.i1, cols.w0,
+                                             cols.w1, rows.i0, rows.i1, rows.w0, rows.w1, 0.5, 0.25, out, True)[0])
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    inside.wait()
+    time.sleep(0.005)  # hands the GIL to the worker, which enters the native call (~100 ms of work)
+    steps = 0
+    while worker.is_alive():  # with the GIL held by the decode, this loop could not run until it returned
+        steps += 1
+    worker.join()
+    assert status == [core.STATUS_FULL]
+    assert steps > 1000, steps  # a call holding the GIL leaves ~0 here (the loop starts only after it returns)
