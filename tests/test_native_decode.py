@@ -283,3 +283,17 @@ def test_the_gil_is_released_while_decoding() -> None:
     worker.join()
     assert status == [core.STATUS_FULL]
     assert steps > 1000, steps  # a call holding the GIL leaves ~0 here (the loop starts only after it returns)
+
+
+def test_kernel_sources_carry_the_shared_headers_for_nvrtc() -> None:
+    """NVRTC compiles kernels.source(name) from a string: the shared headers must be inlined into it (once each)."""
+    from iws_engine import kernels
+
+    for name, header, function in [("png_unfilter.cu", "png_filter_math.cuh", "iws_unfilter_byte"),
+                                   ("grey_resize.cu", "julia_resize_math.cuh", "iws_resized_code")]:
+        text = kernels.source(name)
+        assert '#include "' not in text
+        assert f'#line 1 "{header}"' in text and text.count('#line 1 "iws_hd.cuh"') == 1
+        assert f"{function}(" in (kernels.KERNEL_DIR / header).read_text() and f"{function}(" in text
+    for header in kernels.SHARED_HEADERS:
+        assert (kernels.KERNEL_DIR / header).is_file()
