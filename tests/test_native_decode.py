@@ -220,6 +220,7 @@ def test_fuzz_regression_files_fail_cleanly_or_decode() -> None:
     files = sorted(p for p in CORPUS.glob("*") if p.is_file() and p.suffix != ".md") if CORPUS.is_dir() else []
     if not files:
         pytest.skip("no fuzzing regression files (tests/corpus/fuzz): no campaign has found a crash")
+    pytest.importorskip("atheris", reason="atheris is not installed (it is in the test extra)")
     from tests.fuzz.fuzz_decode import test_one_input
 
     for path in files:
