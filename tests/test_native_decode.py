@@ -216,10 +216,11 @@ def test_malformed_pngsuite_files_give_the_same_error_either_way() -> None:
 
 
 def test_fuzz_regression_files_fail_cleanly_or_decode() -> None:
-    """Every crash the fuzzer ever found (tests/corpus/fuzz) is now a clean PngError or a decoded input."""
+    """The regression corpus (tests/corpus/fuzz: hand-made edge cases, every crash a campaign found) decodes or fails
+    with a clean PngError."""
     files = sorted(p for p in CORPUS.glob("*") if p.is_file() and p.suffix != ".md") if CORPUS.is_dir() else []
     if not files:
-        pytest.skip("no fuzzing regression files (tests/corpus/fuzz): no campaign has found a crash")
+        pytest.skip("no fuzzing regression files in tests/corpus/fuzz")
     pytest.importorskip("atheris", reason="atheris is not installed (it is in the test extra)")
     from tests.fuzz.fuzz_decode import test_one_input
 
