@@ -179,6 +179,7 @@ BAD = {
     "corrupt-deflate": lambda d: rewrite_idat(d, lambda idat: idat[:2] + b"\xff" * 9 + idat[11:]),
     "truncated-stream": lambda d: rewrite_idat(d, lambda idat: idat[: len(idat) // 2]),
     "trailing-data": lambda d: rewrite_idat(d, lambda idat: idat + b"junk"),
+    "bytes-between-stream-and-adler32": lambda d: rewrite_idat(d, lambda idat: idat[:-4] + b"xy" + idat[-4:]),
     "side-over-libpng-limit": lambda d: (d[:8] + chunk(b"IHDR", (1_000_001).to_bytes(4, "big") + bytes([0, 0, 0, 1, 8, 0, 0, 0, 0]))
                                          + chunk(b"IDAT", zlib.compress(bytes(1_000_002))) + chunk(b"IEND")),
 }
