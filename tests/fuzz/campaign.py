@@ -137,9 +137,11 @@ def run(seconds: int | None, runs: int | None, corpus: Path | None = None, jobs:
     t0 = time.time()
     proc = subprocess.run(args, env=env, capture_output=True, text=True, cwd=job_dir)
     wall = time.time() - t0
-    logs = [proc.stdout + proc.stderr, *(p.read_text(errors="replace") for p in sorted(job_dir.glob("fuzz-*.log")))]
+    job_logs = [p.read_text(errors="replace") for p in sorted(job_dir.glob("fuzz-*.log"))]
+    logs = [proc.stdout + proc.stderr, *job_logs]
     (build / "last-campaign.log").write_text("\n".join(logs))
-    per_job = [dict(re.findall(r"^stat::(\w+):\s*(\d+)", log, re.M)) for log in logs]
+    # statistics from each job's own log (the parent echoes some of them); a single job reports on stdout
+    per_job = [dict(re.findall(r"^stat::(\w+):\s*(\d+)", log, re.M)) for log in (job_logs or logs[:1])]
     per_job = [s for s in per_job if s]
     total = lambda key: sum(int(s.get(key, 0)) for s in per_job)  # noqa: E731
     findings = sorted(p.name for p in artifacts.iterdir())
