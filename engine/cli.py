@@ -320,6 +320,9 @@ def cmd_info(args) -> int:
         except md.PackageNotFoundError:
             pass
     print("backends: " + ", ".join(BACKENDS))
+    from iws_engine.loaders import native
+
+    print(f"native decode core: {'built, inflate with ' + native.inflater() if native.available() else 'not built'}")
     return EXIT_OK
 
 

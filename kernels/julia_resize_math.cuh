@@ -8,7 +8,7 @@
 //   grey:   1 colour channel -> code;  3 -> rint(float32(0.001) * float32(299 R + 587 G + 114 B))
 //   output: (float32(grey) / float32(peak) - mean) / std                      (float32)
 //
-// Shared by kernels/grey_resize.cu (GPU) and the native CPU decoder (engine/native/decode.cpp). Every step is one
+// Shared by kernels/grey_resize.cu (GPU) and the native CPU decoder (kernels/cpu_decode.cpp). Every step is one
 // correctly rounded IEEE-754 operation: on the device the _rn intrinsics (never contracted into FMAs), on the host
 // plain operators compiled with -ffp-contract=off (CMakeLists.txt) and SSE2 arithmetic (no x87 excess precision).
 // No includes under NVRTC (it has no system headers); rint/rintf are its built-ins.

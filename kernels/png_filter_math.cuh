@@ -1,5 +1,5 @@
 // PNG filter reconstruction (filter method 0, PNG spec section 9) for one byte lane: the arithmetic that
-// kernels/png_unfilter.cu (GPU) and the native CPU decoder (engine/native/decode.cpp) both run, so the CPU tests
+// kernels/png_unfilter.cu (GPU) and the native CPU decoder (kernels/cpu_decode.cpp) both run, so the CPU tests
 // check the GPU kernel's arithmetic. Plain C++ without includes (NVRTC has no system headers).
 //
 // x: the filtered byte; a: the same byte lane of the pixel to the left (0 left of the image); b: the byte above
@@ -15,7 +15,8 @@
 #define IWS_FILTER_AVERAGE 3u
 #define IWS_FILTER_PAETH 4u
 
-// PNG spec 9.4 with p = a + b - c, written without the intermediate p.
+// PNG spec 9.4 with p = a + b - c, written without the intermediate p, and as selects rather than early returns
+// so that compilers emit conditional moves (rows of noisy SAR data make the branches unpredictable).
 IWS_HD IWS_INLINE unsigned iws_paeth_predictor(unsigned a, unsigned b, unsigned c) {
     int pa = (int)b - (int)c;
     int pb = (int)a - (int)c;
@@ -23,8 +24,8 @@ IWS_HD IWS_INLINE unsigned iws_paeth_predictor(unsigned a, unsigned b, unsigned 
     pa = pa < 0 ? -pa : pa;
     pb = pb < 0 ? -pb : pb;
     pc = pc < 0 ? -pc : pc;
-    if (pa <= pb && pa <= pc) return a;
-    return pb <= pc ? b : c;
+    const unsigned b_or_c = pb <= pc ? b : c;
+    return ((pa <= pb) & (pa <= pc)) ? a : b_or_c;  // & rather than &&: no short-circuit branch
 }
 
 // The predictor of filter type `filter`; 0 for None and for invalid types (which the callers flag).

@@ -1,7 +1,7 @@
 """The CPU loader: PNG decode + reference preprocessing in a thread pool, yielding batches.
 
-cv2's decoder and NumPy's big operations release the GIL, so threads scale across cores
-without pickling images between processes. In-flight work is bounded (a few batches), so a
+The native decode core (loaders/native.py), cv2's decoder and NumPy's big operations release the
+GIL, so threads scale across cores without pickling images between processes. In-flight work is bounded (a few batches), so a
 17-million-image archive runs in constant memory, and decoding of the next batch overlaps the
 inference of the current one.
 """
@@ -66,15 +66,27 @@ def read_input(item: InputItem, name: str) -> bytes:
         raise PngError(f"cannot read file ({e.strerror or e})", path=name) from None
 
 
-def load_one(item: InputItem, name: str, spec: PreprocessSpec, max_pixels: int, out: np.ndarray) -> StageTimes:
-    """Read, decode and preprocess one PNG into `out` (H, W); raises PngError naming `name`."""
-    from iws_engine.loaders.png import decode_png
+def load_one(item: InputItem, name: str, spec: PreprocessSpec, max_pixels: int, out: np.ndarray, *,
+             native: bool = True) -> StageTimes:
+    """Read, decode and preprocess one PNG into `out` (H, W); raises PngError naming `name`.
+
+    With `native` (and the native core built), files it handles go through it in one GIL-free call (its time is
+    counted as decode: preprocessing is fused into it); the others, and every file with native=False, through
+    decode_png + the NumPy reference. Both give identical model inputs (tests/test_native_decode.py).
+    """
+    from iws_engine.loaders import native as native_core
+    from iws_engine.loaders.png import decode_parsed, parse_png
 
     t = StageTimes()
     t0 = time.perf_counter()
     data = read_input(item, name)
     t1 = time.perf_counter()
-    pixels = decode_png(data, path=name, max_pixels=max_pixels)
+    info = parse_png(data, path=name, max_pixels=max_pixels)
+    if native and native_core.handles(info):
+        native_core.decode_preprocess(info, spec, out, path=name)
+        t.read, t.decode = t1 - t0, time.perf_counter() - t1
+        return t
+    pixels = decode_parsed(info, path=name)
     t2 = time.perf_counter()
     preprocess_reference(pixels, spec, out=out)
     t3 = time.perf_counter()
@@ -135,7 +147,8 @@ class CpuLoader:
 
     def __init__(self, spec: PreprocessSpec | None, batch_size: int = 64, workers: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, prefetch_batches: int = 2, *,
-                 preprocess_one: PreprocessOne | None = None, item_shape: tuple[int, ...] | None = None):
+                 preprocess_one: PreprocessOne | None = None, item_shape: tuple[int, ...] | None = None,
+                 native: bool = True):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if preprocess_one is not None and item_shape is None:
@@ -148,11 +161,12 @@ class CpuLoader:
         self.max_pixels = max_pixels
         self.prefetch_batches = max(1, prefetch_batches)
         self.item_shape = tuple(item_shape) if item_shape is not None else (1, *spec.size)
+        self.native = native  # the native decode core where built (load_one); False: decode_png + NumPy reference
         self.preprocess_one: PreprocessOne = preprocess_one or self._reference_preprocess
 
     def _reference_preprocess(self, item: InputItem, name: str, out: np.ndarray) -> StageTimes:
         # the reference writes one grey (H, W) plane: the single channel of `out` (1, H, W)
-        return load_one(item, name, self.spec, self.max_pixels, out[0])
+        return load_one(item, name, self.spec, self.max_pixels, out[0], native=self.native)
 
     def load_item(self, item, name: str) -> tuple[np.ndarray | None, str | None, StageTimes]:
         """One input's model input, or (None, error naming `name`); never raises for a bad input.

@@ -99,6 +99,18 @@ def test_png_decode(benchmark, vignette_png, inflate_reference):
     _check("png_decode_rgba16", benchmark, lambda: decode_png(vignette_png), inflate_reference)
 
 
+def test_native_decode_preprocess(benchmark, vignette_png, inflate_reference, spec):
+    """The CPU loader's default per-file path: parse + the native core (inflate, unfilter, resize, grey, normalise)."""
+    from iws_engine.loaders import native
+    from iws_engine.loaders.png import parse_png
+
+    if not native.available():
+        pytest.skip("the native decode core is not built (pip install -e . builds it with CMake)")
+    out = np.empty(spec.size, np.float32)
+    _check("native_decode_preprocess_rgba16", benchmark,
+           lambda: native.decode_preprocess(parse_png(vignette_png), spec, out), inflate_reference)
+
+
 def test_preprocess(benchmark, vignette_png, spec):
     from iws_engine.loaders.png import decode_png
     from iws_engine.preprocess import preprocess_reference

@@ -1,0 +1,433 @@
+// The CPU decode core (Python module iws_engine.kernels._cpu_decode, wrapped by engine/loaders/native.py):
+// inflate -> filter check -> grey detection -> unfilter -> Julia imresize + Gray + normalise, for non-interlaced
+// 8/16-bit PNGs, writing the model input straight into the caller's float32 plane. The GIL is released while it
+// works, so the CPU loader's decode threads run on every core.
+//
+// One source for the arithmetic: the per-byte filter reconstruction is kernels/png_filter_math.cuh and the
+// per-pixel resize/grey/normalise arithmetic kernels/julia_resize_math.cuh, the same headers the CUDA kernels
+// include. The NumPy reference (engine/preprocess.py) is the spec; tests/test_native_decode.py checks bit equality.
+//
+// Grey detection on the *filtered* bytes: PNG filters work per byte lane with one filter type per row, and the
+// reconstruction of a lane reads only that lane. So when, in every row, the R, G and B samples of every pixel are
+// identical in the filtered stream, they are identical after unfiltering too, and unfiltering the R lane alone
+// gives the whole image (a quarter of the work for RGBA16). Any difference anywhere takes the full path.
+//
+// Every input is untrusted (this file is fuzzed, tests/fuzz/): sizes are checked against each other before any
+// memory is touched; a stream that does not inflate to exactly the expected size with a matching Adler-32 is
+// reported, not decoded, and the Python side then names the precise reason with zlib.
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/tuple.h>
+
+#include "julia_resize_math.cuh"
+#include "png_filter_math.cuh"
+
+#if IWS_HAVE_LIBDEFLATE
+#include <libdeflate.h>
+#else
+#include <zlib.h>
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+// Status codes returned to engine/loaders/native.py (mirrored there as STATUS_*).
+enum Status : int {
+    kGreyLanes = 0,      // decoded; only the grey lane(s) were unfiltered
+    kFull = 1,           // decoded; every byte was unfiltered
+    kInflateFailed = 2,  // the stream did not inflate to exactly raw_size bytes with the stored Adler-32
+    kBadFilter = 3,      // a row's filter type is > 4 (detail: row, value)
+    kBadShape = 4,       // inconsistent arguments (a caller bug, never a property of the file)
+};
+
+constexpr int kGrey = 0, kRgb = 2, kGreyAlpha = 4, kRgba = 6;
+
+// A growable buffer that is never shrunk or zero-filled: each decode thread keeps its own (thread_local), so the
+// hot path allocates nothing once warm.
+struct Buffer {
+    std::unique_ptr<uint8_t[]> data;
+    size_t size = 0;
+    uint8_t* get(size_t n) {
+        if (n > size) {
+            data.reset(new uint8_t[n]);
+            size = n;
+        }
+        return data.get();
+    }
+};
+
+struct ThreadState {
+    Buffer raw;       // inflated scanlines (filter bytes included)
+    Buffer pixels;    // unfiltered samples
+    Buffer rows;      // two horizontally resized rows (doubles)
+#if IWS_HAVE_LIBDEFLATE
+    libdeflate_decompressor* inflater = nullptr;
+    ~ThreadState() {
+        if (inflater) libdeflate_free_decompressor(inflater);
+    }
+#endif
+};
+
+ThreadState& thread_state() {
+    thread_local ThreadState state;
+    return state;
+}
+
+uint32_t crc32_update(uint32_t crc, const uint8_t* data, size_t n) {
+#if IWS_HAVE_LIBDEFLATE
+    return libdeflate_crc32(crc, data, n);
+#else
+    while (n > 0) {  // zlib takes uInt lengths
+        const uInt step = n > (1u << 30) ? (1u << 30) : (uInt)n;
+        crc = (uint32_t)::crc32(crc, data, step);
+        data += step;
+        n -= step;
+    }
+    return crc;
+#endif
+}
+
+uint32_t adler32_of(const uint8_t* data, size_t n) {
+#if IWS_HAVE_LIBDEFLATE
+    return libdeflate_adler32(1, data, n);
+#else
+    uLong a = ::adler32(0L, Z_NULL, 0);
+    while (n > 0) {
+        const uInt step = n > (1u << 30) ? (1u << 30) : (uInt)n;
+        a = ::adler32(a, data, step);
+        data += step;
+        n -= step;
+    }
+    return (uint32_t)a;
+#endif
+}
+
+// Raw deflate `in` -> exactly `need` bytes at `out`, the whole input consumed. False on any other outcome.
+bool inflate_exact(ThreadState& st, const uint8_t* in, size_t in_size, uint8_t* out, size_t need) {
+#if IWS_HAVE_LIBDEFLATE
+    if (!st.inflater) st.inflater = libdeflate_alloc_decompressor();
+    if (!st.inflater) return false;
+    size_t in_used = 0, out_made = 0;
+    const libdeflate_result r =
+        libdeflate_deflate_decompress_ex(st.inflater, in, in_size, out, need, &in_used, &out_made);
+    return r == LIBDEFLATE_SUCCESS && in_used == in_size && out_made == need;
+#else
+    (void)st;
+    if (in_size > 0xffffffffu || need > 0xffffffffu) return false;  // zlib counts in uInt
+    z_stream z;
+    std::memset(&z, 0, sizeof z);
+    if (inflateInit2(&z, -15) != Z_OK) return false;
+    z.next_in = const_cast<Bytef*>(in);
+    z.avail_in = (uInt)in_size;
+    z.next_out = out;
+    z.avail_out = (uInt)need;
+    const int r = inflate(&z, Z_FINISH);  // everything at once: Z_STREAM_END only if the stream ended in `need`
+    const bool ok = r == Z_STREAM_END && z.avail_in == 0 && z.avail_out == 0;
+    inflateEnd(&z);
+    return ok;
+#endif
+}
+
+// R == G == B in every pixel of every row of the filtered stream: one load per pixel (BPP bytes, little-endian), the
+// R sample compared with G and G with B by one shift and xor (SB = bytes per sample); branch-free within a row so the
+// compiler vectorises it.
+template <size_t BPP, size_t SB>
+bool filtered_lanes_grey_t(const uint8_t* raw, size_t height, size_t row_bytes) {
+    const size_t width = row_bytes / BPP;
+    constexpr uint64_t rgb_mask = SB == 2 ? 0xffffffffull : 0xffffull;  // R^G and G^B, alpha excluded
+    for (size_t y = 0; y < height; ++y) {
+        const uint8_t* p = raw + y * (row_bytes + 1) + 1;
+        uint64_t diff = 0;
+        for (size_t x = 0; x < width; ++x) {
+            uint64_t v = 0;
+            std::memcpy(&v, p + x * BPP, BPP);
+            diff |= (v ^ (v >> (8 * SB))) & rgb_mask;
+        }
+        if (diff) return false;
+    }
+    return true;
+}
+
+bool filtered_lanes_grey(const uint8_t* raw, size_t height, size_t row_bytes, size_t bpp) {
+    switch (bpp) {  // RGB8, RGBA8, RGB16, RGBA16
+        case 3: return filtered_lanes_grey_t<3, 1>(raw, height, row_bytes);
+        case 4: return filtered_lanes_grey_t<4, 1>(raw, height, row_bytes);
+        case 6: return filtered_lanes_grey_t<6, 2>(raw, height, row_bytes);
+        case 8: return filtered_lanes_grey_t<8, 2>(raw, height, row_bytes);
+        default: return false;
+    }
+}
+
+// Unfilter one row of LANES bytes per pixel, taken from pixels of `src_stride` bytes in the filtered row and written
+// compactly (LANES bytes per pixel) to `out`; `prev` is the previous output row (nullptr for row 0). The filter type
+// and the lane count are template parameters, so each loop inlines its own predictor from png_filter_math.cuh and
+// keeps the left (a) and upper-left (c) bytes of every lane in registers: the LANES chains run interleaved.
+template <unsigned FILTER, size_t LANES>
+void unfilter_row_t(const uint8_t* src, size_t src_stride, size_t width, const uint8_t* prev, uint8_t* out) {
+    unsigned a[LANES] = {}, c[LANES] = {};
+    if (!prev) {  // above the first row everything is 0: Up = None, Average = Sub/2, Paeth = Sub
+        for (size_t x = 0; x < width; ++x, src += src_stride, out += LANES)
+            for (size_t k = 0; k < LANES; ++k) a[k] = out[k] = (uint8_t)iws_unfilter_byte(FILTER, src[k], a[k], 0u, 0u);
+        return;
+    }
+    for (size_t x = 0; x < width; ++x, src += src_stride, out += LANES, prev += LANES) {
+        for (size_t k = 0; k < LANES; ++k) {
+            const unsigned b = prev[k];
+            a[k] = out[k] = (uint8_t)iws_unfilter_byte(FILTER, src[k], a[k], b, c[k]);
+            c[k] = b;
+        }
+    }
+}
+
+template <size_t LANES>
+void unfilter_row_lanes(unsigned filter, const uint8_t* src, size_t src_stride, size_t width, const uint8_t* prev,
+                        uint8_t* out) {
+    switch (filter) {
+        case IWS_FILTER_NONE:
+            if (src_stride == LANES) {
+                std::memcpy(out, src, width * LANES);
+                return;
+            }
+            unfilter_row_t<IWS_FILTER_NONE, LANES>(src, src_stride, width, prev, out);
+            return;
+        case IWS_FILTER_SUB: unfilter_row_t<IWS_FILTER_SUB, LANES>(src, src_stride, width, prev, out); return;
+        case IWS_FILTER_UP: unfilter_row_t<IWS_FILTER_UP, LANES>(src, src_stride, width, prev, out); return;
+        case IWS_FILTER_AVERAGE: unfilter_row_t<IWS_FILTER_AVERAGE, LANES>(src, src_stride, width, prev, out); return;
+        default: unfilter_row_t<IWS_FILTER_PAETH, LANES>(src, src_stride, width, prev, out); return;
+    }
+}
+
+void unfilter_row(unsigned filter, const uint8_t* src, size_t src_stride, size_t lanes, size_t width,
+                  const uint8_t* prev, uint8_t* out) {
+    switch (lanes) {  // the pixel sizes PNG has (1 also for sub-byte depths)
+        case 1: unfilter_row_lanes<1>(filter, src, src_stride, width, prev, out); return;
+        case 2: unfilter_row_lanes<2>(filter, src, src_stride, width, prev, out); return;
+        case 3: unfilter_row_lanes<3>(filter, src, src_stride, width, prev, out); return;
+        case 4: unfilter_row_lanes<4>(filter, src, src_stride, width, prev, out); return;
+        case 6: unfilter_row_lanes<6>(filter, src, src_stride, width, prev, out); return;
+        default: unfilter_row_lanes<8>(filter, src, src_stride, width, prev, out); return;
+    }
+}
+
+// First row whose filter byte is > 4, or -1.
+long first_bad_filter(const uint8_t* raw, size_t height, size_t row_bytes) {
+    for (size_t y = 0; y < height; ++y)
+        if (raw[y * (row_bytes + 1)] > 4) return (long)y;
+    return -1;
+}
+
+// All rows: filtered `raw` (filter byte + row_bytes per row) -> `pixels`, `lanes` of every `stride` bytes kept.
+void unfilter_image(const uint8_t* raw, size_t height, size_t row_bytes, size_t stride, size_t lanes,
+                    uint8_t* pixels) {
+    const size_t width = row_bytes / stride;
+    const size_t pitch = width * lanes;
+    for (size_t y = 0; y < height; ++y) {
+        const uint8_t* row = raw + y * (row_bytes + 1);
+        unfilter_row(row[0], row + 1, stride, lanes, width, y ? pixels + (y - 1) * pitch : nullptr,
+                     pixels + y * pitch);
+    }
+}
+
+inline unsigned sample_at(const uint8_t* p, size_t sb) { return sb == 2 ? (unsigned)p[0] << 8 | p[1] : p[0]; }
+
+using I64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using F64Array = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using F32Plane = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Bytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using BytesOut = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+struct Taps {
+    const int64_t* i0;
+    const int64_t* i1;
+    const double* w0;
+    const double* w1;
+    size_t n;
+};
+
+bool taps_valid(const Taps& t, size_t n_in) {
+    for (size_t i = 0; i < t.n; ++i)
+        if (t.i0[i] < 0 || t.i1[i] < 0 || (size_t)t.i0[i] >= n_in || (size_t)t.i1[i] >= n_in) return false;
+    return true;
+}
+
+// Julia imresize (+ Gray + normalise) of unfiltered samples: `channels` colour channels (1 or 3) at byte offsets
+// k * sb within pixels of `pixel_bytes`, rows `pitch` bytes apart.
+void resize_grey_normalise(const uint8_t* pixels, size_t h_in, size_t w_in, size_t pitch, size_t pixel_bytes,
+                           size_t sb, size_t channels, const Taps& cols, const Taps& rows, float mean, float std_dev,
+                           Buffer& scratch, float* out) {
+    const size_t h_out = rows.n, w_out = cols.n;
+    const unsigned peak_code = sb == 2 ? 65535u : 255u;
+    const double peak = (double)peak_code;
+    const float luma_scale = 0.001f;  // preprocess._LUMA_SCALE
+    auto grey_of = [&](const unsigned* codes) {
+        return channels == 1 ? codes[0] : iws_luma_grey(codes[0], codes[1], codes[2], luma_scale);
+    };
+    if (h_in == h_out && w_in == w_out) {  // julia_imresize returns the codes unchanged
+        for (size_t y = 0; y < h_out; ++y)
+            for (size_t x = 0; x < w_out; ++x) {
+                unsigned codes[3];
+                for (size_t c = 0; c < channels; ++c)
+                    codes[c] = sample_at(pixels + y * pitch + x * pixel_bytes + c * sb, sb);
+                out[y * w_out + x] = iws_normalise(grey_of(codes), peak_code, mean, std_dev);
+            }
+        return;
+    }
+    // The horizontal pass of a source row (w_out x channels doubles), for the two rows an output row needs; output
+    // rows read source rows in non-decreasing order, so two slots hold everything.
+    double* slot[2];
+    double* base = reinterpret_cast<double*>(scratch.get(2 * w_out * channels * sizeof(double)));
+    slot[0] = base;
+    slot[1] = base + w_out * channels;
+    long held[2] = {-1, -1};
+    auto horizontal = [&](long y, long keep) -> const double* {
+        if (held[0] == y) return slot[0];
+        if (held[1] == y) return slot[1];
+        const int victim = held[0] == keep ? 1 : held[1] == keep ? 0 : (held[0] < held[1] ? 0 : 1);
+        double* dst = slot[victim];
+        const uint8_t* src = pixels + (size_t)y * pitch;
+        for (size_t x = 0; x < w_out; ++x) {
+            const uint8_t* p0 = src + (size_t)cols.i0[x] * pixel_bytes;
+            const uint8_t* p1 = src + (size_t)cols.i1[x] * pixel_bytes;
+            for (size_t c = 0; c < channels; ++c)
+                dst[x * channels + c] = iws_two_tap(cols.w0[x], iws_code_to_unit(sample_at(p0 + c * sb, sb), peak),
+                                                    cols.w1[x], iws_code_to_unit(sample_at(p1 + c * sb, sb), peak));
+        }
+        held[victim] = y;
+        return dst;
+    };
+    for (size_t y = 0; y < h_out; ++y) {
+        const long y0 = (long)rows.i0[y], y1 = (long)rows.i1[y];
+        const double* top = horizontal(y0, y1);
+        const double* bottom = horizontal(y1, y0);
+        const double rw0 = rows.w0[y], rw1 = rows.w1[y];
+        float* dst = out + y * w_out;
+        for (size_t x = 0; x < w_out; ++x) {
+            unsigned codes[3];
+            for (size_t c = 0; c < channels; ++c)
+                codes[c] = iws_unit_to_code(iws_two_tap(rw0, top[x * channels + c], rw1, bottom[x * channels + c]), peak);
+            dst[x] = iws_normalise(grey_of(codes), peak_code, mean, std_dev);
+        }
+    }
+}
+
+// data: the raw deflate stream (is_raw false) or the inflated scanlines (is_raw true).
+// Returns (status, detail0, detail1): for kBadFilter (row, filter value).
+std::tuple<int, long, long> decode_preprocess(Bytes data, bool is_raw, uint32_t adler32, size_t width, size_t height,
+                                              int bit_depth, int color_type, I64Array col_i0, I64Array col_i1,
+                                              F64Array col_w0, F64Array col_w1, I64Array row_i0, I64Array row_i1,
+                                              F64Array row_w0, F64Array row_w1, float mean, float std_dev,
+                                              F32Plane out, bool force_full) {
+    size_t channels_stored;
+    switch (color_type) {
+        case kGrey: channels_stored = 1; break;
+        case kGreyAlpha: channels_stored = 2; break;
+        case kRgb: channels_stored = 3; break;
+        case kRgba: channels_stored = 4; break;
+        default: return {kBadShape, 0, 0};
+    }
+    if ((bit_depth != 8 && bit_depth != 16) || width == 0 || height == 0 || width > (1u << 31) ||
+        height > (1u << 31))
+        return {kBadShape, 0, 0};
+    const Taps cols{col_i0.data(), col_i1.data(), col_w0.data(), col_w1.data(), col_i0.shape(0)};
+    const Taps rows{row_i0.data(), row_i1.data(), row_w0.data(), row_w1.data(), row_i0.shape(0)};
+    if (col_i1.shape(0) != cols.n || col_w0.shape(0) != cols.n || col_w1.shape(0) != cols.n ||
+        row_i1.shape(0) != rows.n || row_w0.shape(0) != rows.n || row_w1.shape(0) != rows.n ||
+        out.shape(0) != rows.n || out.shape(1) != cols.n || rows.n == 0 || cols.n == 0 || !taps_valid(cols, width) ||
+        !taps_valid(rows, height))
+        return {kBadShape, 0, 0};
+    const size_t sb = (size_t)bit_depth / 8;
+    const size_t bpp = channels_stored * sb;
+    const size_t row_bytes = width * bpp;
+    if (row_bytes / bpp != width || height > SIZE_MAX / (row_bytes + 1)) return {kBadShape, 0, 0};
+    const size_t raw_size = height * (row_bytes + 1);
+    if (is_raw && data.shape(0) != raw_size) return {kBadShape, 0, 0};
+
+    const uint8_t* in = data.data();
+    const size_t in_size = data.shape(0);
+    float* dst = out.data();
+    nb::gil_scoped_release unlocked;
+    ThreadState& st = thread_state();
+    const uint8_t* raw = in;
+    if (!is_raw) {
+        uint8_t* buf = st.raw.get(raw_size);
+        if (!inflate_exact(st, in, in_size, buf, raw_size) || adler32_of(buf, raw_size) != adler32)
+            return {kInflateFailed, 0, 0};
+        raw = buf;
+    }
+    const long bad = first_bad_filter(raw, height, row_bytes);
+    if (bad >= 0) return {kBadFilter, bad, (long)raw[(size_t)bad * (row_bytes + 1)]};
+
+    // The channels that reach grey: 1 (grey, grey+alpha, or R of an R=G=B image) or 3 (R, G, B).
+    bool lanes_only = channels_stored <= 2;
+    if (!lanes_only && !force_full) lanes_only = filtered_lanes_grey(raw, height, row_bytes, bpp);
+    const size_t lanes = lanes_only ? sb : bpp;
+    uint8_t* pixels = st.pixels.get(height * width * lanes);
+    unfilter_image(raw, height, row_bytes, bpp, lanes, pixels);
+    resize_grey_normalise(pixels, height, width, width * lanes, lanes, sb, lanes_only ? 1 : 3, cols, rows, mean,
+                          std_dev, st.rows, dst);
+    return {lanes_only ? kGreyLanes : kFull, 0, 0};
+}
+
+// Unfilter the rows of one (sub-)image for the general decoder (engine/loaders/png.py): `raw` holds height rows of
+// filter byte + row_bytes, `out` receives height * row_bytes unfiltered bytes. Returns (status, row, value).
+std::tuple<int, long, long> unfilter(Bytes raw, size_t height, size_t row_bytes, size_t stride, BytesOut out) {
+    if ((stride != 1 && stride != 2 && stride != 3 && stride != 4 && stride != 6 && stride != 8) || row_bytes % stride || row_bytes == 0 || height == 0 ||
+        height > SIZE_MAX / (row_bytes + 1) || raw.shape(0) < height * (row_bytes + 1) ||
+        out.shape(0) < height * row_bytes)
+        return {kBadShape, 0, 0};
+    const uint8_t* src = raw.data();
+    uint8_t* dst = out.data();
+    nb::gil_scoped_release unlocked;
+    const long bad = first_bad_filter(src, height, row_bytes);
+    if (bad >= 0) return {kBadFilter, bad, (long)src[(size_t)bad * (row_bytes + 1)]};
+    unfilter_image(src, height, row_bytes, stride, stride, dst);
+    return {kFull, 0, 0};
+}
+
+// Raw deflate -> exactly out.shape(0) bytes with the given Adler-32; False on any other outcome.
+bool inflate_into(Bytes data, uint32_t adler32, BytesOut out) {
+    const uint8_t* in = data.data();
+    const size_t in_size = data.shape(0), need = out.shape(0);
+    uint8_t* dst = out.data();
+    nb::gil_scoped_release unlocked;
+    ThreadState& st = thread_state();
+    return inflate_exact(st, in, in_size, dst, need) && adler32_of(dst, need) == adler32;
+}
+
+uint32_t crc32(Bytes data, uint32_t value) {
+    const uint8_t* p = data.data();
+    const size_t n = data.shape(0);
+    nb::gil_scoped_release unlocked;
+    return crc32_update(value, p, n);
+}
+
+}  // namespace
+
+NB_MODULE(_cpu_decode, m) {
+    m.doc() = "Native CPU PNG decode core for the IWS preprocessing spec (see kernels/cpu_decode.cpp).";
+    m.attr("INFLATER") = IWS_HAVE_LIBDEFLATE ? "libdeflate" : "zlib";
+    m.attr("STATUS_GREY_LANES") = (int)kGreyLanes;
+    m.attr("STATUS_FULL") = (int)kFull;
+    m.attr("STATUS_INFLATE_FAILED") = (int)kInflateFailed;
+    m.attr("STATUS_BAD_FILTER") = (int)kBadFilter;
+    m.attr("STATUS_BAD_SHAPE") = (int)kBadShape;
+    m.def("decode_preprocess", &decode_preprocess, nb::arg("data"), nb::arg("is_raw"), nb::arg("adler32"),
+          nb::arg("width"), nb::arg("height"), nb::arg("bit_depth"), nb::arg("color_type"), nb::arg("col_i0"),
+          nb::arg("col_i1"), nb::arg("col_w0"), nb::arg("col_w1"), nb::arg("row_i0"), nb::arg("row_i1"),
+          nb::arg("row_w0"), nb::arg("row_w1"), nb::arg("mean"), nb::arg("std"), nb::arg("out"),
+          nb::arg("force_full") = false);
+    m.def("unfilter", &unfilter, nb::arg("raw"), nb::arg("height"), nb::arg("row_bytes"), nb::arg("stride"),
+          nb::arg("out"));
+    m.def("inflate_into", &inflate_into, nb::arg("data"), nb::arg("adler32"), nb::arg("out"));
+    m.def("crc32", &crc32, nb::arg("data"), nb::arg("value") = 0);
+}

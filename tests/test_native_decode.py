@@ -1,0 +1,302 @@
+"""The native CPU decode core (kernels/cpu_decode.cpp via loaders/native.py) equals the NumPy reference bit for bit.
+
+The reference is decode_png (OpenCV's libpng unfilter + png.py's colour handling) followed by preprocess_reference;
+the native core shares its arithmetic with the CUDA kernels (kernels/png_filter_math.cuh, julia_resize_math.cuh), so
+these tests also check the GPU kernels' per-pixel arithmetic on the CPU.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iws_engine.loaders import native
+from iws_engine.loaders.cpu import CpuLoader, load_one
+from iws_engine.loaders.png import PngError, decode_png, parse_png
+from iws_engine.preprocess import PreprocessSpec, iws_sarcnn_spec, preprocess_reference
+from tests.conftest import PNGSUITE
+from tests.pngtools import chunk, iter_chunks
+from tests.test_png import VALID_FOLDERS, encode_png, random_pixels
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason="the native decode core is not built (pip install -e . builds it with CMake)")
+
+SPEC = iws_sarcnn_spec(0.4137, 0.2251)
+CORPUS = Path(__file__).resolve().parent / "corpus" / "fuzz"
+
+
+def reference_input(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    return preprocess_reference(decode_png(data), spec)
+
+
+def native_input(data: bytes, spec: PreprocessSpec, force_full: bool = False) -> tuple[np.ndarray, str]:
+    info = parse_png(data)
+    assert native.handles(info)
+    out = np.full(spec.size, np.nan, np.float32)
+    path = native.decode_preprocess(info, spec, out, force_full=force_full)
+    return out, path
+
+
+def assert_bits_equal(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
+
+
+def make_png(pixels: np.ndarray, color_type: int, bit_depth: int) -> bytes:
+    return encode_png(pixels, color_type, bit_depth)  # rows cycle through all five filter types
+
+
+# --- random images, every colour type and depth the core takes, every filter, down/up/same size ----------------
+
+
+@pytest.mark.parametrize("color_type", [0, 2, 4, 6], ids=["grey", "rgb", "grey-alpha", "rgba"])
+@pytest.mark.parametrize("bit_depth", [8, 16])
+@pytest.mark.parametrize("shape, size", [((61, 83), (29, 40)), ((13, 9), (32, 21)), ((24, 24), (24, 24)),
+                                         ((1, 1), (5, 3)), ((1, 37), (2, 9)), ((40, 1), (7, 1))],
+                         ids=["down", "up", "same", "1x1", "one-row", "one-column"])
+def test_random_images_equal_the_reference(color_type: int, bit_depth: int, shape, size) -> None:
+    rng = np.random.default_rng([color_type, bit_depth, *shape])
+    pixels = random_pixels(rng, *shape, color_type, bit_depth)
+    spec = PreprocessSpec(mean=0.31, std=0.17, size=size)
+    data = make_png(pixels, color_type, bit_depth)
+    out, path = native_input(data, spec)
+    assert_bits_equal(out, reference_input(data, spec))
+    # random colour is not grey: the full path, except for types whose only colour channel is grey anyway
+    assert path == (native.GREY_LANES if color_type in (0, 4) else native.FULL)
+
+
+@pytest.mark.parametrize("color_type", [2, 6], ids=["rgb", "rgba"])
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_grey_colour_images_take_the_grey_lane_path(color_type: int, bit_depth: int) -> None:
+    rng = np.random.default_rng(bit_depth)
+    grey = random_pixels(rng, 57, 71, 0, bit_depth)
+    pixels = np.concatenate([grey] * 3 + ([random_pixels(rng, 57, 71, 0, bit_depth)] if color_type == 6 else []), 2)
+    data = make_png(pixels, color_type, bit_depth)
+    spec = PreprocessSpec(mean=0.5, std=0.25, size=(32, 48))
+    expected = reference_input(data, spec)
+    out, path = native_input(data, spec)
+    assert path == native.GREY_LANES  # varying alpha: alpha never reaches grey (the reference drops it first)
+    assert_bits_equal(out, expected)
+    forced, forced_path = native_input(data, spec, force_full=True)
+    assert forced_path == native.FULL
+    assert_bits_equal(forced, expected)
+
+
+# --- synthetic IWS vignettes of every format and row filter ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vignette_field() -> np.ndarray:
+    from iws_engine.export.synth import render_vignette
+
+    return render_vignette(np.random.default_rng(21), True, 528, 539)
+
+
+@pytest.mark.parametrize("fmt", ["rgba16", "gray8", "gray16", "rgb8"])
+@pytest.mark.parametrize("row_filter", ["paeth", "adaptive", "none", "sub", "up", "average"])
+def test_synthetic_vignettes_equal_the_reference(vignette_field, fmt: str, row_filter: str) -> None:
+    from iws_engine.export.synth import encode_png as encode_vignette
+
+    data = encode_vignette(vignette_field, fmt, row_filter)
+    out, path = native_input(data, SPEC)
+    assert path == native.GREY_LANES  # R=G=B (or grey): only the grey lane is unfiltered
+    assert_bits_equal(out, reference_input(data, SPEC))
+
+
+def rgba16_with(pixels: np.ndarray, edit) -> bytes:
+    pixels = pixels.copy()
+    edit(pixels)
+    return make_png(pixels, 6, 16)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda p: p.__setitem__((17, 23, 1), p[17, 23, 1] ^ 1),  # one pixel, green off by one
+    lambda p: p.__setitem__((slice(None), 40, 2), 0),  # one column stripe, blue zero
+    lambda p: p.__setitem__((66, slice(None), 0), 65535),  # one row stripe, red saturated
+    lambda p: p.__setitem__((0, 0, 2), p[0, 0, 2] ^ 0x100),  # the first pixel, high byte of blue
+    lambda p: p.__setitem__((-1, -1, 1), p[-1, -1, 1] ^ 0x8000),  # the last pixel
+], ids=["one-pixel", "column-stripe", "row-stripe", "first-pixel-high-byte", "last-pixel"])
+def test_almost_grey_images_take_the_full_path(edit) -> None:
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 65536, (90, 77, 1)).astype(np.uint16)
+    pixels = np.concatenate([grey, grey, grey, np.full_like(grey, 65535)], 2)
+    data = rgba16_with(pixels, edit)
+    spec = PreprocessSpec(mean=0.5, std=0.25, size=(40, 40))
+    out, path = native_input(data, spec)
+    assert path == native.FULL
+    assert_bits_equal(out, reference_input(data, spec))
+
+
+# --- PngSuite ----------------------------------------------------------------------------------------------------
+
+
+def test_pngsuite_equals_the_reference() -> None:
+    """Every valid PngSuite file through the CPU loader's per-file function, native on and off."""
+    if not PNGSUITE.is_dir():
+        pytest.skip(f"reference PNGs absent: {PNGSUITE}")
+    files = sorted(p for folder in VALID_FOLDERS for p in (PNGSUITE / folder).glob("*.png"))
+    taken = 0
+    for path in files:
+        data = path.read_bytes()
+        taken += native.handles(parse_png(data))
+        for size in ((256, 256), (9, 13)):
+            spec = PreprocessSpec(mean=0.45, std=0.3, size=size)
+            a, b = np.empty(size, np.float32), np.empty(size, np.float32)
+            load_one(data, path.name, spec, 10**8, a, native=True)
+            load_one(data, path.name, spec, 10**8, b, native=False)
+            assert_bits_equal(a, b)
+    assert taken >= 20, taken  # the suite's non-interlaced 8/16-bit grey/colour files
+
+
+# --- errors: the same clear per-file messages ---------------------------------------------------------------------
+
+
+def rewrite_idat(data: bytes, fn) -> bytes:
+    out = data[:8]
+    for ctype, body in iter_chunks(data):
+        out += chunk(ctype, fn(body) if ctype == b"IDAT" else body)
+    return out
+
+
+def with_raw(pixels_png: bytes, fn) -> bytes:
+    return rewrite_idat(pixels_png, lambda idat: zlib.compress(fn(zlib.decompress(idat))))
+
+
+def _bad_filter(raw: bytes) -> bytes:
+    raw = bytearray(raw)
+    raw[(1 + 8 * 12) * 5] = 7  # row 5 of a 12-pixel RGBA16 image
+    return bytes(raw)
+
+
+BAD = {
+    "bad-filter-type": lambda d: with_raw(d, _bad_filter),
+    "too-short": lambda d: with_raw(d, lambda raw: raw[:-10]),
+    "too-long": lambda d: with_raw(d, lambda raw: raw + b"\0" * 50),
+    "bad-adler32": lambda d: rewrite_idat(d, lambda idat: idat[:-4] + bytes(4)),
+    "corrupt-deflate": lambda d: rewrite_idat(d, lambda idat: idat[:2] + b"\xff" * 9 + idat[11:]),
+    "truncated-stream": lambda d: rewrite_idat(d, lambda idat: idat[: len(idat) // 2]),
+    "trailing-data": lambda d: rewrite_idat(d, lambda idat: idat + b"junk"),
+    "bytes-between-stream-and-adler32": lambda d: rewrite_idat(d, lambda idat: idat[:-4] + b"xy" + idat[-4:]),
+    "side-over-libpng-limit": lambda d: (d[:8] + chunk(b"IHDR", (1_000_001).to_bytes(4, "big") + bytes([0, 0, 0, 1, 8, 0, 0, 0, 0]))
+                                         + chunk(b"IDAT", zlib.compress(bytes(1_000_002))) + chunk(b"IEND")),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_files_give_the_same_error_either_way(kind: str) -> None:
+    rng = np.random.default_rng(9)
+    good = make_png(random_pixels(rng, 10, 12, 6, 16), 6, 16)
+    data = BAD[kind](good)
+    messages = []
+    for use_native in (True, False):
+        with pytest.raises(PngError) as e:
+            load_one(data, "bad.png", SPEC, 10**8, np.empty(SPEC.size, np.float32), native=use_native)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("bad.png: ")
+    if kind == "bad-filter-type":
+        assert messages[0] == "bad.png: invalid filter type 7 on row 5"
+
+
+def test_malformed_pngsuite_files_give_the_same_error_either_way() -> None:
+    if not PNGSUITE.is_dir():
+        pytest.skip(f"reference PNGs absent: {PNGSUITE}")
+    for path in sorted([*(PNGSUITE / "testpngs" / "crashers").glob("*.png"), *(PNGSUITE / "testpngs" / "badpal").glob("*.png")]):
+        outcomes = []
+        for use_native in (True, False):
+            out = np.empty(SPEC.size, np.float32)
+            try:
+                load_one(path.read_bytes(), path.name, SPEC, 10**8, out, native=use_native)
+                outcomes.append(out.view(np.uint32).tobytes())
+            except PngError as e:
+                outcomes.append(str(e))
+        assert outcomes[0] == outcomes[1], path.name
+
+
+def test_fuzz_regression_files_fail_cleanly_or_decode() -> None:
+    """The regression corpus (tests/corpus/fuzz: hand-made edge cases, every crash a campaign found) decodes or fails
+    with a clean PngError."""
+    files = sorted(p for p in CORPUS.glob("*") if p.is_file() and p.suffix != ".md") if CORPUS.is_dir() else []
+    if not files:
+        pytest.skip("no fuzzing regression files in tests/corpus/fuzz")
+    pytest.importorskip("atheris", reason="atheris is not installed (it is in the test extra)")
+    from tests.fuzz.fuzz_decode import test_one_input
+
+    for path in files:
+        test_one_input(path.read_bytes())  # raises only for a finding (PngError is handled inside)
+
+
+# --- the loader and the scores ------------------------------------------------------------------------------------
+
+
+def test_cpu_loader_batches_and_scores_equal_the_reference(vignette_field) -> None:
+    from iws_engine.api import Classifier
+    from iws_engine.export.synth import encode_png as encode_vignette
+
+    blobs = [encode_vignette(vignette_field[::-1] if k % 2 else vignette_field, fmt)
+             for k, fmt in enumerate(["rgba16", "gray8", "gray16", "rgb8"])]
+    blobs.append(b"not a png")
+    with Classifier(backend="onnxruntime", batch_size=4, loader="cpu") as clf:
+        assert isinstance(clf.loader, CpuLoader) and clf.loader.native
+        rows_native = list(clf.classify(blobs))
+        clf.loader.native = False
+        rows_reference = list(clf.classify(blobs))
+    assert [r.error is None for r in rows_native] == [True] * 4 + [False]
+    assert [(r.score, r.error) for r in rows_native] == [(r.score, r.error) for r in rows_reference]
+    loader = CpuLoader(SPEC, batch_size=3, workers=2)
+    reference = CpuLoader(SPEC, batch_size=3, workers=2, native=False)
+    for a, b in zip(loader.batches(blobs), reference.batches(blobs)):
+        assert a.ok == b.ok and a.errors == b.errors
+        assert_bits_equal(a.inputs, b.inputs)
+
+
+def test_the_gil_is_released_while_decoding() -> None:
+    """Decode threads scale across cores only if the core runs without the GIL: while one thread is inside a long
+    native decode, another keeps running Python code."""
+    import threading
+    import time
+
+    from iws_engine.kernels import _cpu_decode as core
+    from iws_engine.preprocess import imresize_axis_weights
+
+    height, width = 1500, 1500
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (height, 1 + width * 8), dtype=np.uint8)
+    raw[:, 0] = rng.integers(0, 5, height)  # valid filter types, the rest random: a colour image, full path
+    cols, rows = imresize_axis_weights(width, 256, False), imresize_axis_weights(height, 256, False)
+    out = np.empty((256, 256), np.float32)
+    inside = threading.Event()
+    status = []
+
+    def decode():
+        inside.set()
+        status.append(core.decode_preprocess(raw.reshape(-1), True, 0, width, height, 16, 6, cols.i0, cols.i1, cols.w0,
+                                             cols.w1, rows.i0, rows.i1, rows.w0, rows.w1, 0.5, 0.25, out, True)[0])
+
+    worker = threading.Thread(target=decode)
+    worker.start()
+    inside.wait()
+    time.sleep(0.005)  # hands the GIL to the worker, which enters the native call (~100 ms of work)
+    steps = 0
+    while worker.is_alive():  # with the GIL held by the decode, this loop could not run until it returned
+        steps += 1
+    worker.join()
+    assert status == [core.STATUS_FULL]
+    assert steps > 1000, steps  # a call holding the GIL leaves ~0 here (the loop starts only after it returns)
+
+
+def test_kernel_sources_carry_the_shared_headers_for_nvrtc() -> None:
+    """NVRTC compiles kernels.source(name) from a string: the shared headers must be inlined into it (once each)."""
+    from iws_engine import kernels
+
+    for name, header, function in [("png_unfilter.cu", "png_filter_math.cuh", "iws_unfilter_byte"),
+                                   ("grey_resize.cu", "julia_resize_math.cuh", "iws_resized_code")]:
+        text = kernels.source(name)
+        assert '#include "' not in text
+        assert f'#line 1 "{header}"' in text and text.count('#line 1 "iws_hd.cuh"') == 1
+        assert f"{function}(" in (kernels.KERNEL_DIR / header).read_text() and f"{function}(" in text
+    for header in kernels.SHARED_HEADERS:
+        assert (kernels.KERNEL_DIR / header).is_file()
