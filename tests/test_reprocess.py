@@ -123,14 +123,15 @@ def test_sigkill_of_the_whole_pass_at_random_points_then_resume(reference, vigne
     progressed = []
     for attempt in range(4):
         proc = start(vignettes, "-o", out, "--shard-size", SHARD, "--processes", 2)
-        if attempt == 0:  # anywhere in start-up, listing or the first shards
-            time.sleep(rng.uniform(0.2, 4.0))
-        else:  # once some more shards are committed, at a random instant after (often inside a commit)
+        if attempt == 0:  # anywhere in start-up, listing or the first shards (a whole pass takes ~3 s here)
+            time.sleep(rng.uniform(0.2, 2.0))
+        else:  # once some more shards are committed, at a random instant soon after (often inside a commit;
+            # soon enough that the last shard is still to do)
             target = min(shards - 1, len(parts(out)) + rng.randint(1, 3))
             deadline = time.monotonic() + 120
             while len(parts(out)) < target and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.4))
+            time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -87,10 +87,16 @@ def test_ray_pass_completes_when_a_node_is_removed_mid_pass(vignettes, local_ref
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         out = tmp_path / "v1"
-        removed = []
+        removed, committed_after = [], []
 
-        def remove_worker_node(result: dict) -> None:  # after the first shard commits, with work still in flight
-            if not removed:
+        def remove_worker_node(result: dict) -> None:
+            # right after the worker node's live actor commits a shard, with shards still to do: the rest of the
+            # pass must finish without that node. (Removing it earlier could hit an actor still being created,
+            # which Ray re-places by itself; an actor call already on its way may still finish before the node's
+            # processes die, so a retry is usual but not certain.)
+            if removed:
+                committed_after.append(result["shard"])
+            elif result["node"] == worker.node_id:
                 cluster.remove_node(worker, allow_graceful=False)
                 removed.append(result["shard"])
 
@@ -99,7 +105,5 @@ def test_ray_pass_completes_when_a_node_is_removed_mid_pass(vignettes, local_ref
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert removed and not result.failed_shards
-    record = json.loads((out / RUN_RECORD).read_text())
-    assert record["runs"][-1]["retries"] >= 1  # the removed node's shard ran again elsewhere
+    assert removed and committed_after and not result.failed_shards  # the node went with work still to do
     assert table(out).equals(table(local_reference))  # every input exactly once, the same scores
