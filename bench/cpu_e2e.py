@@ -13,7 +13,6 @@ Writes a JSON and a Markdown table named after the CPU, backend, date and commit
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from iws_engine.bench.runner import cpu_name as _cpu_name
 from iws_engine.bench.runner import git_commit as _commit
+from iws_engine.bench.report import slug, write_result_files
 
 
 def _timed(fn, runs: int) -> list[float]:
@@ -118,15 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     w, h = (int(x) for x in a.size.split("x"))
     r = run(a.n, a.format, (w, h), a.runs, a.batch_size, a.backend, a.weights)
-    cpu = "".join(ch if ch.isalnum() else "-" for ch in r["machine"]["cpu"].lower()).strip("-")
-    cpu = "-".join(filter(None, cpu.split("-")))[:40]
-    stem = f"cpu-e2e-{cpu}-{r['machine']['cores']}c-{a.backend}-{a.format}-{r['date']}-{r['commit']}"
-    a.output_dir.mkdir(parents=True, exist_ok=True)
-    (a.output_dir / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = to_markdown(r)
-    (a.output_dir / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"wrote {a.output_dir / stem}.json/.md")
+    stem = f"cpu-e2e-{slug(r['machine']['cpu'])}-{r['machine']['cores']}c-{a.backend}-{a.format}-{r['date']}-{r['commit']}"
+    write_result_files(a.output_dir, stem, r, to_markdown(r))
     return 0
 
 

@@ -15,7 +15,6 @@ Writes a JSON and a Markdown table named after the CPU, cores, date and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -26,6 +25,7 @@ import numpy as np
 from iws_engine.bench.projection import DEFAULT_ARCHIVE_IMAGES
 from iws_engine.bench.runner import cpu_name as _cpu_name
 from iws_engine.bench.runner import git_commit as _commit
+from iws_engine.bench.report import slug, write_result_files
 
 SERVER_CORES = 56  # the CPU server the archive projection is for
 PAPER_L40_ARCHIVE_HOURS = 1.4  # the paper's pipeline B archive pass on an L40 (inference only)
@@ -162,15 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     w, h = (int(x) for x in a.size.split("x"))
     r = run(a.n, a.format, (w, h), a.runs, a.batch_size, a.single)
-    cpu = "".join(ch if ch.isalnum() else "-" for ch in r["machine"]["cpu"].lower()).strip("-")
-    cpu = "-".join(filter(None, cpu.split("-")))[:40]
-    stem = f"decode-{cpu}-{r['machine']['cores']}c-{a.format}-{r['date']}-{r['commit']}"
-    a.output_dir.mkdir(parents=True, exist_ok=True)
-    (a.output_dir / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = to_markdown(r)
-    (a.output_dir / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"wrote {a.output_dir / stem}.json/.md")
+    stem = f"decode-{slug(r['machine']['cpu'])}-{r['machine']['cores']}c-{a.format}-{r['date']}-{r['commit']}"
+    write_result_files(a.output_dir, stem, r, to_markdown(r))
     return 0
 
 

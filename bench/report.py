@@ -121,6 +121,15 @@ def slug(text: str, limit: int = 40) -> str:
     return "-".join(filter(None, chars.split("-")))[:limit].strip("-")
 
 
+def write_result_files(output_dir: Path, stem: str, record: Mapping[str, Any], markdown: str) -> None:
+    """A benchmark's record as `stem`.json and its table as `stem`.md in `output_dir`; the table is printed."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (output_dir / f"{stem}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {output_dir / stem}.json/.md")
+
+
 def pipeline_of(result: Mapping[str, Any]) -> str:
     """"sarcnn" or "eva02xgb"; results written before the model record named it are SAR_CNN's."""
     return result.get("model", {}).get("pipeline", "sarcnn")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from iws_engine.bench.projection import DEFAULT_ARCHIVE_IMAGES
 from iws_engine.bench.runner import cpu_name, git_commit
+from iws_engine.bench.report import slug, write_result_files
 
 PAPER = {"pipeline_b_gpu_l40_archive_hours": 1.4, "pipeline_b_cpu_56_cores_archive_days": 12.9}
 SERVER_CORES = 56
@@ -192,14 +193,8 @@ def main(argv: list[str] | None = None) -> int:
          "configurations": summary, "ratios": ratios(summary), "paper": PAPER,
          "throughput_img_s": summary["reprocess default"]["command_img_s"],
          "per_core_img_s": summary["reprocess 2 processes x 1 thread"]["command_per_core_img_s"]}
-    cpu = "-".join(filter(None, "".join(ch if ch.isalnum() else "-" for ch in r["machine"]["cpu"].lower()).split("-")))
-    stem = f"reprocess-{cpu[:40]}-{cores}c-{a.format}-{r['date']}-{r['commit']}"
-    a.output_dir.mkdir(parents=True, exist_ok=True)
-    (a.output_dir / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = to_markdown(r)
-    (a.output_dir / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"wrote {a.output_dir / stem}.json/.md")
+    stem = f"reprocess-{slug(r['machine']['cpu'])}-{cores}c-{a.format}-{r['date']}-{r['commit']}"
+    write_result_files(a.output_dir, stem, r, to_markdown(r))
     return 0
 
 

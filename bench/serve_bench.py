@@ -19,7 +19,6 @@ Writes serve-<cpu>-<cores>c-<date>-<commit>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import platform
 import statistics
@@ -290,7 +289,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from iws_engine.bench.report import slug
+    from iws_engine.bench.report import slug, write_result_files
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=positive_int, default=512, help="images per pass (default: %(default)s)")
@@ -313,12 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     r = run(a.n, a.format, a.size, a.runs, a.callers, a.http_clients, a.batch_size, a.max_queue_delay_ms, a.backend,
             a.weights, a.single, a.warmup)
     stem = f"serve-{slug(r['machine']['cpu'])}-{r['machine']['cores']}c-{r['date']}-{r['commit']}"
-    a.output_dir.mkdir(parents=True, exist_ok=True)
-    (a.output_dir / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
-    md = to_markdown(r)
-    (a.output_dir / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"wrote {a.output_dir / stem}.json/.md")
+    write_result_files(a.output_dir, stem, r, to_markdown(r))
     return 0
 
 
