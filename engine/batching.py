@@ -14,6 +14,14 @@ request) for a batch to fill: not at all when a full batch is ready, nor once ev
 ready (none queued or decoding could join; only a new submission could). Decoding thus overlaps the previous
 batch's inference, and a slow or bad input only delays itself: a batch is formed from inputs that are
 already decoded, and a bad one resolves its own future with an error row at once.
+
+A batch loader (`gpu`, `dali`: they decode a whole batch on the device) has no per-request decode:
+with `decode="per_batch"` (their default) requests join the ready pool undecoded, the same rules form
+a batch, and the loader's own `batches()` decodes that batch's items right before its inference (no
+overlap with the previous batch: device decode is short next to inference). A bad input still gets its
+own error row; a slow input (a stalled read) delays its batch and those behind it, as one batch is
+decoded and inferred at a time. `decode="per_batch"` runs with the cpu loader too (its `batches()`),
+which is how CI exercises this path without a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -35,6 +43,7 @@ from iws_engine.outputs import Row
 from iws_engine.pipeline import rows_from_batches
 
 PIPELINES = ("sarcnn", "eva02xgb")
+DECODE_MODES = ("per_request", "per_batch")
 LATENCY_WINDOW = 10_000  # latency percentiles are over the last this many requests
 DEADLINE_SWEEP_S = 0.05  # while the dispatcher waits for a slot, it times out expired queued requests this often
 
@@ -75,18 +84,22 @@ class BatchingClassifier:
 
     The model, backend and loader options are `Classifier`'s (`pipeline="sarcnn"`, the default) or
     `EvaXgbClassifier`'s (`pipeline="eva02xgb"`, with `xgboost_model`), passed through `options`; or
-    give an already built `classifier` (it stays the caller's to close). Decoding runs on the CPU
-    loader (per request). `max_batch_size` defaults to the classifier's batch size; `max_queue` bounds
-    the requests accepted but not yet started; `max_inflight` the requests decoding or decoded and
-    waiting for a batch (default: two batches, one inferring while the next decodes).
+    give an already built `classifier` (it stays the caller's to close). `decode`: "per_request" (each
+    request decoded by the loader's `load_item` as soon as it is taken; the cpu loader's default) or
+    "per_batch" (each formed batch decoded by the loader's `batches()`; the default for the gpu and dali
+    loaders, which have no per-request decode). `max_batch_size` defaults to the classifier's batch
+    size; `max_queue` bounds the requests accepted but not yet started; `max_inflight` the requests
+    decoding or decoded (per batch: taken) and waiting for a batch (default: two batches).
     """
 
     def __init__(self, weights: str | Path | None = None, *, pipeline: str = "sarcnn",
                  xgboost_model: str | Path | None = None, classifier=None, max_batch_size: int | None = None,
                  max_queue_delay_ms: float = 5.0, max_queue: int = 1024, max_inflight: int | None = None,
-                 **options):
+                 decode: str | None = None, **options):
+        if decode not in (None, *DECODE_MODES):
+            raise ValueError(f"unknown decode mode {decode!r}; choose from {', '.join(DECODE_MODES)}")
         if classifier is None:
-            options.setdefault("loader", "cpu")
+            options.setdefault("loader", "cpu")  # the embedded default; "gpu"/"dali" must be asked for
             if pipeline == "sarcnn":
                 from iws_engine.api import Classifier
 
@@ -104,11 +117,15 @@ class BatchingClassifier:
             if weights is not None or xgboost_model is not None or options:
                 raise ValueError("give either a classifier or the options to build one, not both")
             self._owns_classifier = False
-        if not hasattr(classifier.loader, "load_item"):
+        per_request_capable = hasattr(classifier.loader, "load_item")
+        decode = decode or ("per_request" if per_request_capable else "per_batch")
+        if decode == "per_request" and not per_request_capable:
             if self._owns_classifier:
                 classifier.close()
-            raise ValueError(f"BatchingClassifier decodes per request and needs the cpu loader, not "
-                             f"{getattr(classifier.loader, 'name', type(classifier.loader).__name__)!r}")
+            raise ValueError(f"decode='per_request' needs a loader that decodes one input at a time (cpu), not "
+                             f"{getattr(classifier.loader, 'name', type(classifier.loader).__name__)!r}; "
+                             "use decode='per_batch'")
+        self.decode = decode
         self.classifier = classifier
         self.max_batch_size = int(max_batch_size or classifier.batch_size)
         self.max_queue_delay = float(max_queue_delay_ms) / 1000.0
@@ -132,7 +149,8 @@ class BatchingClassifier:
         self._shut_down = False
         self._sequence = 0
         self._counters = _Counters()
-        self._decoders = ThreadPoolExecutor(self._loader.workers, thread_name_prefix="iws-decode")
+        self._decoders = (ThreadPoolExecutor(self._loader.workers, thread_name_prefix="iws-decode")
+                          if decode == "per_request" else None)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="iws-batch-dispatch", daemon=True)
         self._inference = threading.Thread(target=self._inference_loop, name="iws-batch-infer", daemon=True)
         self._dispatcher.start()
@@ -144,7 +162,8 @@ class BatchingClassifier:
         """Queue one PNG (bytes or a path); its Future resolves to a Row, an error row for a bad input.
 
         When the queue is full, wait (`block`, at most `timeout` seconds) or raise QueueFull. `deadline`:
-        seconds from now within which the request must start (be taken for decoding), else it resolves
+        seconds from now within which the request must start (be taken for decoding; per batch: be taken
+        into a batch), else it resolves
         to a timeout error row. `name`: how the row names the input (default: the path, or
         "<bytes #k>" with k the request's number). Raises BatcherClosed after close().
         """
@@ -224,7 +243,8 @@ class BatchingClassifier:
                 self._ready_changed.notify_all()
             self._dispatcher.join()
             self._inference.join()
-            self._decoders.shutdown(wait=True)
+            if self._decoders is not None:
+                self._decoders.shutdown(wait=True)
             if self._owns_classifier:
                 self.classifier.close()
             self._shut_down = True
@@ -262,6 +282,9 @@ class BatchingClassifier:
                 continue
             if self._expired(request):
                 self._slots.release()
+                continue
+            if self._decoders is None:  # per batch: the batch's loader call decodes it
+                self._make_ready(request)
                 continue
             try:
                 self._decoders.submit(self._decode, request)
@@ -307,7 +330,11 @@ class BatchingClassifier:
             self._slots.release()
             self._finish(request, self._error_row(request, error, prefixed=True))
             return
-        request.inputs, request.ready_at = inputs, time.monotonic()
+        request.inputs = inputs
+        self._make_ready(request)
+
+    def _make_ready(self, request: _Request) -> None:
+        request.ready_at = time.monotonic()
         with self._lock:
             self._ready.append(request)
             self._ready_changed.notify()
@@ -331,7 +358,32 @@ class BatchingClassifier:
                 batch = [self._ready.popleft() for _ in range(min(self.max_batch_size, len(self._ready)))]
             for _ in batch:
                 self._slots.release()
-            self._infer(batch)
+            if self._decoders is None:
+                # per batch, a request starts now: one whose deadline passed while it waited is answered instead
+                batch = [r for r in batch if not self._expired(r)]
+                if batch:
+                    self._decode_and_infer(batch)
+            else:
+                self._infer(batch)
+
+    def _decode_and_infer(self, batch: list[_Request]) -> None:
+        """Per batch: the loader's `batches()` decodes the batch's raw inputs, then the pipeline's row making."""
+        clf = self.classifier
+        try:
+            rows = list(rows_from_batches(self._loader.batches([r.item for r in batch]), clf.predict,
+                                          threshold=clf.threshold, model_id=clf.model_id))
+            if len(rows) != len(batch):
+                raise RuntimeError(f"the loader returned {len(rows)} rows for {len(batch)} inputs")
+            # the loader names inputs by their place in this batch ("<bytes #k>"); rows name the request
+            rows = [_renamed(row, r.name) for row, r in zip(rows, batch)]
+        except Exception as e:  # the loader or backend failed: every request of this batch says so
+            rows = [self._error_row(r, f"internal error during decoding or inference ({type(e).__name__}: {e})")
+                    for r in batch]
+        with self._lock:
+            self._counters.batches += 1
+            self._counters.batch_sizes[len(batch)] += 1
+        for request, row in zip(batch, rows):
+            self._finish(request, row)
 
     def _infer(self, batch: list[_Request]) -> None:
         clf = self.classifier
@@ -370,3 +422,11 @@ class BatchingClassifier:
             self._ready_changed.notify()
         if row is not None:
             request.future.set_result(row)
+
+
+def _renamed(row: Row, name: str) -> Row:
+    """`row` under the request's name (its error's leading "label:" too)."""
+    error = row.error
+    if error is not None and error.startswith(f"{row.path}:"):
+        error = name + error[len(row.path):]
+    return replace(row, path=name, error=error)

@@ -529,14 +529,9 @@ def run(args) -> int:
     except ImportError:
         print("iws-engine serve: needs aiohttp: pip install 'iws-engine[serve]'", file=sys.stderr)
         return EXIT_USAGE
-    if getattr(args, "loader", None) not in (None, "cpu"):
-        print("iws-engine serve: decodes per request on the cpu loader; --loader gpu/dali is not supported here",
-              file=sys.stderr)
-        return EXIT_USAGE
-    args.loader = "cpu"
-    try:
+    try:  # --loader as classify takes it; gpu/dali decode each formed batch on the device (BatchingClassifier)
         clf = make_classifier(args)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:  # a loader that cannot run here says why (LoaderError)
         print(f"iws-engine serve: {e}", file=sys.stderr)
         return EXIT_USAGE
     limits = Limits(max_body_bytes=args.max_body_mb * 1024 * 1024, max_images=args.max_images,
@@ -553,7 +548,8 @@ def run(args) -> int:
 
             def started(address):
                 print(f"iws-engine serve: listening on http://{address[0]}:{address[1]} (model {args.model_name!r}: "
-                      f"{clf.model_id}, {clf.runtime}, max batch {batcher.max_batch_size})", file=sys.stderr,
+                      f"{clf.model_id}, {clf.runtime}, {clf.loader.name} loader decoding {batcher.decode.replace('_', ' ')}, "
+                      f"max batch {batcher.max_batch_size})", file=sys.stderr,
                       flush=True)
 
             await serve_until(app, args.host, args.port, stop, on_started=started)

@@ -21,6 +21,9 @@ from iws_engine.batching import BatchingClassifier, BatcherClosed, QueueFull
 from tests.conftest import XGBOOST_MODEL, require
 
 N_DISTINCT = 24
+# per_request: the cpu loader's load_item per request; per_batch: the path of the gpu/dali loaders (the loader's
+# batches() over each formed batch), run here with the real cpu loader's batches()
+DECODE_MODES = ["per_request", "per_batch"]
 
 
 def _png(i: int) -> bytes:
@@ -74,11 +77,13 @@ class StalledInput:
             threading.Thread(target=self.release, args=(b"released by the test's clean-up",), daemon=True).start()
 
 
-def test_threads_match_offline_and_batches_form(pngs, offline):
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_threads_match_offline_and_batches_form(pngs, offline, decode):
     order = [i % N_DISTINCT for i in range(64)]
     random.Random(3).shuffle(order)
     results: dict[int, list] = {}
-    with BatchingClassifier(max_batch_size=8, max_queue_delay_ms=20) as clf:
+    with BatchingClassifier(max_batch_size=8, max_queue_delay_ms=20, decode=decode) as clf:
+        assert clf.decode == decode
         def caller(k: int):
             mine = order[k::16]
             futures = [clf.submit(pngs[i]) for i in mine]  # many in flight per caller
@@ -124,11 +129,13 @@ def test_asyncio_tasks_and_threads_together(pngs, offline):
     assert stats["completed"] == 48 + 2 * N_DISTINCT and max(stats["batch_sizes"]) > 1
 
 
-def test_bad_inputs_get_their_own_error_rows(pngs, offline, tmp_path):
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_bad_inputs_get_their_own_error_rows(pngs, offline, tmp_path, decode):
+    # the same rows, names and messages whichever way the inputs are decoded
     good = tmp_path / "good.png"
     good.write_bytes(pngs[3])
     inputs = [pngs[0], b"hello, I am text", pngs[1][:300], str(tmp_path / "missing.png"), good, tmp_path, pngs[2]]
-    with BatchingClassifier(max_batch_size=4) as clf:
+    with BatchingClassifier(max_batch_size=4, decode=decode) as clf:
         rows = clf.classify_many(inputs[:5] + inputs[6:])
         dir_row = clf.submit(tmp_path, name="the-dir").result()
         stats = clf.stats()
@@ -160,8 +167,9 @@ def test_a_stalled_input_does_not_stall_the_others(pngs, offline, tmp_path):
         assert slow.result().path == str(stalled.path)
 
 
-def test_close_while_busy_loses_nothing_accepted(pngs, offline):
-    clf = BatchingClassifier(max_batch_size=8, max_queue_delay_ms=5)
+@pytest.mark.parametrize("decode", DECODE_MODES)
+def test_close_while_busy_loses_nothing_accepted(pngs, offline, decode):
+    clf = BatchingClassifier(max_batch_size=8, max_queue_delay_ms=5, decode=decode)
     accepted, refused = [], []
 
     def submitter(k: int):
@@ -230,7 +238,10 @@ def test_queue_full_and_deadlines(pngs, offline, tmp_path):
 def test_misuse_raises_and_options_are_checked(pngs):
     with pytest.raises(ValueError, match="unknown pipeline"):
         BatchingClassifier(pipeline="resnet")
+    with pytest.raises(ValueError, match="unknown decode mode 'per_image'"):
+        BatchingClassifier(decode="per_image")
     with BatchingClassifier() as clf:
+        assert clf.decode == "per_request"  # the cpu loader's default: decode overlaps inference
         with pytest.raises(TypeError, match="PNG bytes or a path"):
             clf.submit(42)
         assert clf.max_batch_size == clf.classifier.batch_size == 16
@@ -271,3 +282,67 @@ def test_pipeline_a_batches_too(tiny_eva02_weights):
         if exp.ok:
             assert abs(row.score - exp.score) <= 1e-6 and row.decision == exp.decision
     assert "not a PNG" in rows[2].error and stats["errors"] == 1
+
+
+def test_per_batch_a_slow_input_delays_its_batch_only_and_deadlines_hold(pngs, offline, tmp_path):
+    # per batch, decoding is part of the batch: a stalled read holds the batch it is in (and the inference
+    # thread), the requests behind it wait and are answered afterwards, by their deadline rules
+    with BatchingClassifier(max_batch_size=1, max_queue_delay_ms=1, decode="per_batch") as clf, \
+            StalledInput(tmp_path) as stalled:
+        slow = clf.submit(stalled.path)  # first in, so the first batch (of one): its decode blocks on the FIFO
+        late = clf.submit(pngs[0], deadline=0.2)
+        patient = clf.submit(pngs[1])
+        time.sleep(0.4)  # late's deadline passes while the stalled batch decodes
+        assert not slow.done() and not patient.done()
+        stalled.release(pngs[2])
+        assert_matches(slow.result(timeout=60), offline[2])
+        row = late.result(timeout=60)
+        assert not row.ok and "timed out: not started within its deadline of 200 ms" in row.error
+        assert_matches(patient.result(timeout=60), offline[1])
+        stats = clf.stats()
+    assert stats["timeouts"] == 1 and stats["completed"] == 3 and stats["batch_sizes"] == {1: 2}
+
+
+def _gpu_loader_missing() -> str | None:
+    """Why the GPU loader cannot run here (None: it can)."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        return f"the GPU loader needs CuPy ({e})"
+    try:
+        from nvidia import nvcomp  # noqa: F401
+    except ImportError as e:
+        return f"the GPU loader needs nvCOMP ({e})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"the GPU loader needs a CUDA device, and CuPy finds none ({type(e).__name__}: {e})"
+    return None if count else "the GPU loader needs a CUDA device, and CuPy finds none"
+
+
+def test_a_device_loader_that_cannot_run_here_says_why():
+    from iws_engine.loaders.gpu import LoaderError
+
+    if _gpu_loader_missing() is None:
+        pytest.skip("the GPU loader runs here (its batching is test_gpu_loader_batches_per_batch)")
+    with pytest.raises(LoaderError, match="the GPU loader needs"):
+        BatchingClassifier(loader="gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_loader_batches_per_batch(pngs, offline):
+    reason = _gpu_loader_missing()
+    if reason:
+        pytest.skip(reason)
+    with pytest.raises(ValueError, match="decode='per_request' needs a loader that decodes one input at a time"):
+        BatchingClassifier(loader="gpu", decode="per_request")
+    with BatchingClassifier(loader="gpu", max_batch_size=8, max_queue_delay_ms=20) as clf:
+        assert clf.decode == "per_batch"
+        with ThreadPoolExecutor(16) as pool:
+            futures = list(pool.map(clf.submit, [pngs[i % N_DISTINCT] for i in range(48)] + [b"not a png"]))
+        rows = [f.result(timeout=120) for f in futures]
+        stats = clf.stats()
+    for i, row in enumerate(rows[:-1]):
+        assert_matches(row, offline[i % N_DISTINCT])  # the GPU loader's inputs are the CPU's, bit for bit
+    assert rows[-1].error.startswith("<bytes #48>: not a PNG file")
+    assert stats["errors"] == 1 and max(stats["batch_sizes"]) > 1

@@ -342,7 +342,32 @@ def test_server_stack_is_imported_only_when_serving():
 def test_cli_serve_usage_errors(server):
     from tests.conftest import run_cli
 
-    r = run_cli("serve", "--loader", "dali")
-    assert r.returncode == 2 and "decodes per request on the cpu loader" in r.stderr
     r = run_cli("serve", "--port", str(server.port))  # taken by the test server
     assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in r.stderr
+
+
+def _device_loader_missing(loader: str) -> str | None:
+    """Why `loader` (gpu, dali) cannot be built here, in the loader's own words (None: it can)."""
+    from iws_engine.loaders import create_loader
+    from iws_engine.loaders.gpu import LoaderError
+    from iws_engine.preprocess import PreprocessSpec
+
+    try:
+        create_loader(loader, PreprocessSpec(mean=0.5, std=0.25), batch_size=4)
+    except LoaderError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("loader", ["gpu", "dali"])
+def test_cli_serve_takes_the_device_loaders(loader):
+    # serve accepts --loader as classify does; where the loader cannot run, it exits 2 with the loader's reason
+    from tests.conftest import run_cli
+
+    reason = _device_loader_missing(loader)
+    if reason is None:
+        pytest.skip(f"the {loader} loader runs here: serving with it is test_batching's GPU test's path")
+    r = run_cli("serve", "--loader", loader, "--port", "0")
+    assert r.returncode == 2, r.stderr
+    assert f"iws-engine serve: {reason}" in r.stderr
+    assert "listening on" not in r.stderr
