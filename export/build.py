@@ -236,31 +236,35 @@ def calibration_batches(target, calib_files: list[str] | None, batch_size: int) 
 def quantize_onnx_fp8(target, onnx_path: Path, out_dir: Path, calib_files: list[str] | None) -> tuple[Path, dict]:
     """The fp32 export → `FP8_ONNX` (FP8 Q/DQ, `export.quantize`); returns (its path, the manifest record).
 
-    Scales come from `calibration_batches`: the --calib PNGs or the target's probe vignettes.
+    Scales come from `calibration_batches`: the --calib PNGs or the target's probe vignettes. The record also
+    names and hashes the FP8 ONNX, from which the TensorRT engine is built.
     """
-    from iws_engine.export.quantize import DEFAULT_BATCH_SIZE, quantize_fp8
+    from iws_engine.export import quantize
 
-    batches, source = calibration_batches(target, calib_files, DEFAULT_BATCH_SIZE)
-    out = Path(out_dir) / FP8_ONNX
-    try:
-        summary = quantize_fp8(onnx_path, out, batches)
-    except ValueError as e:
-        raise BuildError(f"fp8 quantization of {onnx_path} failed: {e}") from e
-    return out, {**summary, "calibration": {**summary["calibration"], **source}, "onnx": out.name,
-                 "onnx_sha256": sha256_file(out)}
+    out, record = _quantize_onnx("fp8", quantize.quantize_fp8, quantize.DEFAULT_BATCH_SIZE, FP8_ONNX,
+                                 target, onnx_path, out_dir, calib_files)
+    return out, {**record, "onnx": out.name, "onnx_sha256": sha256_file(out)}
 
 
 def quantize_onnx_int8(target, onnx_path: Path, out_dir: Path, calib_files: list[str] | None) -> tuple[Path, dict]:
     """The fp32 export → `INT8_ONNX` (ONNX Runtime QDQ, `export.quantize_int8`), calibrated as
     `calibration_batches` says; returns (its path, the manifest record)."""
-    from iws_engine.export.quantize_int8 import DEFAULT_BATCH_SIZE, quantize_int8
+    from iws_engine.export import quantize_int8
 
-    batches, source = calibration_batches(target, calib_files, DEFAULT_BATCH_SIZE)
-    out = Path(out_dir) / INT8_ONNX
+    return _quantize_onnx("int8", quantize_int8.quantize_int8, quantize_int8.DEFAULT_BATCH_SIZE, INT8_ONNX,
+                          target, onnx_path, out_dir, calib_files)
+
+
+def _quantize_onnx(precision: str, quantizer, batch_size: int, filename: str, target, onnx_path: Path,
+                   out_dir: Path, calib_files: list[str] | None) -> tuple[Path, dict]:
+    """`quantizer(onnx_path, out, batches)` on the calibration batches into out_dir/filename; returns (out, its
+    summary with the calibration source)."""
+    batches, source = calibration_batches(target, calib_files, batch_size)
+    out = Path(out_dir) / filename
     try:
-        summary = quantize_int8(onnx_path, out, batches)
+        summary = quantizer(onnx_path, out, batches)
     except ValueError as e:
-        raise BuildError(f"int8 quantization of {onnx_path} failed: {e}") from e
+        raise BuildError(f"{precision} quantization of {onnx_path} failed: {e}") from e
     return out, {**summary, "calibration": {**summary["calibration"], **source}}
 
 
