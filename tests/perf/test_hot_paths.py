@@ -29,6 +29,7 @@ BASELINE = Path(__file__).resolve().parents[2] / "bench" / "baselines" / "cpu_ho
 TOLERANCE = 1.25
 ROUNDS = 15
 ATTEMPTS = 3
+UPDATE_SAMPLES = 5  # in-run ratios per baseline update; their median is recorded
 
 
 def _paired_min_ratio(hot, reference, rounds: int = ROUNDS) -> tuple[float, float, float]:
@@ -48,6 +49,16 @@ def _check(name: str, benchmark, hot, reference) -> None:
     # pytest-benchmark times the hot path (its table and --benchmark-json are the report) ...
     benchmark.pedantic(hot, rounds=ROUNDS, iterations=1, warmup_rounds=2)
     baselines = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+    if os.environ.get("IWS_PERF_UPDATE"):
+        # the baseline is the median of several in-run ratios: one measurement can be a lucky minimum that an
+        # unchanged build then misses by more than the tolerance (seen: 0.377x recorded, 0.498x next run)
+        samples = sorted(_paired_min_ratio(hot, reference) for _ in range(UPDATE_SAMPLES))
+        ratio, hot_min, ref_min = samples[len(samples) // 2]
+        benchmark.extra_info.update({"hot_s": hot_min, "reference_s": ref_min, "ratio": ratio,
+                                     "samples": [a[0] for a in samples]})
+        baselines[name] = round(ratio, 4)
+        BASELINE.write_text(json.dumps(dict(sorted(baselines.items())), indent=2) + "\n")
+        return
     # ... and the verdict uses the in-run ratio. A suspect ratio is measured again (up to 3 times):
     # a real slowdown is slow every time, a busy neighbour rarely is.
     limit = baselines[name] * TOLERANCE if name in baselines else float("inf")
@@ -59,10 +70,6 @@ def _check(name: str, benchmark, hot, reference) -> None:
     ratio, hot_min, ref_min = min(attempts)
     benchmark.extra_info.update({"hot_s": hot_min, "reference_s": ref_min, "ratio": ratio,
                                  "attempts": [a[0] for a in attempts]})
-    if os.environ.get("IWS_PERF_UPDATE"):
-        baselines[name] = round(ratio, 4)
-        BASELINE.write_text(json.dumps(dict(sorted(baselines.items())), indent=2) + "\n")
-        return
     if name not in baselines:
         pytest.fail(f"no baseline for {name!r} in {BASELINE}; run with IWS_PERF_UPDATE=1 to record one")
     assert ratio <= limit, (f"{name} slowed down: {ratio:.3f}x its reference in each of {len(attempts)} attempts "
