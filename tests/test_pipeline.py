@@ -152,3 +152,29 @@ def test_weights_files_are_checked(random_weights, tmp_path):
         weights.load(foreign)
     with pytest.raises(ValueError, match="cannot read weights"):
         weights.load(tmp_path / "missing.safetensors")
+
+
+def test_cpu_loader_batch_tensors_are_filled_in_place_and_never_reused():
+    """Workers write each input into its batch tensor's slot; a batch with failures holds only its good rows;
+    a batch kept by the caller is not overwritten by later ones."""
+    from iws_engine.export.synth import encode_png, render_vignette
+    from iws_engine.loaders.cpu import CpuLoader
+    from iws_engine.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(mean=0.38, std=0.156)
+    good = [encode_png(render_vignette(np.random.default_rng(i), i % 2 == 0, 40, 48), "rgba16") for i in range(7)]
+    items = [good[0], good[1], b"not a png", good[2], good[3], good[4], good[5], b"\x89PNG\r\n\x1a\n", good[6]]
+    loader = CpuLoader(spec, batch_size=3, workers=2, prefetch_batches=1)
+    batches = list(loader.batches(items))  # all kept: later batches must not overwrite earlier tensors
+    assert [len(b.items) for b in batches] == [3, 3, 3]
+    assert [b.ok for b in batches] == [[0, 1], [0, 1, 2], [0, 2]]
+    assert all(b.inputs.shape == (len(b.ok), 1, *spec.size) and b.inputs.dtype == np.float32 for b in batches)
+    expected = [loader.load_item(g, "x")[0] for g in good]
+    got = [row for b in batches for row in b.inputs]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+    assert "not a PNG" in batches[0].errors[2] and 1 in batches[2].errors
+    # a batch without failures is its tensor itself (no copy); no two batches share memory
+    assert batches[1].inputs.base is not None and batches[1].inputs.base.shape == (3, 1, *spec.size)
+    assert not any(np.shares_memory(a.inputs, b.inputs) for i, a in enumerate(batches) for b in batches[i + 1:])

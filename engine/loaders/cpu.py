@@ -170,53 +170,67 @@ class CpuLoader:
 
     def load_item(self, item, name: str) -> tuple[np.ndarray | None, str | None, StageTimes]:
         """One input's model input, or (None, error naming `name`); never raises for a bad input.
-        (Used per batch here, and per request by iws_engine.batching.)"""
+        (Used per request by iws_engine.batching; batches() writes straight into its batch tensors instead.)"""
+        out = np.empty(self.item_shape, dtype=np.float32)
+        err, times = self.load_into(item, name, out)
+        return (out if err is None else None), err, times
+
+    def load_into(self, item, name: str, out: np.ndarray) -> tuple[str | None, StageTimes]:
+        """Write one input's model input into `out` (a slot of a batch tensor); (error naming `name`, times).
+        Never raises for a bad input."""
         from iws_engine.loaders.png import PngError
 
-        out = np.empty(self.item_shape, dtype=np.float32)
         try:
-            return out, None, self.preprocess_one(item, name, out)
+            return None, self.preprocess_one(item, name, out)
         except PngError as e:
-            return None, str(e), StageTimes()
+            return str(e), StageTimes()
         except MemoryError:
-            return None, f"{name}: out of memory while decoding", StageTimes()
+            return f"{name}: out of memory while decoding", StageTimes()
         except Exception as e:  # a decoder bug must not cost the other images their results
-            return None, f"{name}: internal error while decoding ({type(e).__name__}: {e})", StageTimes()
+            return f"{name}: internal error while decoding ({type(e).__name__}: {e})", StageTimes()
 
     def batches(self, items: Iterable[str | Path | bytes]) -> Iterator[Batch]:
-        """Batches in input order; decoding runs up to `prefetch_batches` batches ahead."""
+        """Batches in input order; decoding runs up to `prefetch_batches` batches ahead.
+
+        Each batch's tensor is allocated once and the workers write every input straight into its slot (no
+        per-image array, no stacking copy); only a batch with failed inputs is compacted to its good rows.
+        """
         with ThreadPoolExecutor(self.workers, thread_name_prefix="iws-decode") as pool:
             pending: deque = deque()
             index = 0
             source = iter(items)
             limit = self.batch_size * (self.prefetch_batches + 1)
+            tensor: np.ndarray | None = None  # the batch tensor being filled
 
             def fill():
-                nonlocal index
+                nonlocal index, tensor
                 while len(pending) < limit:
                     try:
                         item = next(source)
                     except StopIteration:
                         return
+                    slot = index % self.batch_size  # batches are consecutive runs of batch_size inputs
+                    if slot == 0:
+                        tensor = np.empty((self.batch_size, *self.item_shape), dtype=np.float32)
                     name = _label(item, index)
-                    pending.append((name, pool.submit(self.load_item, item, name)))
+                    pending.append((name, tensor, pool.submit(self.load_into, item, name, tensor[slot])))
                     index += 1
 
             fill()
             while pending:
                 chunk = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
                 fill()  # keep the workers busy while this batch is assembled and inferred
-                labels, arrays, ok, errors, times = [], [], [], {}, StageTimes()
-                for k, (name, fut) in enumerate(chunk):
-                    arr, err, t = fut.result()
+                labels, ok, errors, times = [], [], {}, StageTimes()
+                for k, (name, _, fut) in enumerate(chunk):
+                    err, t = fut.result()
                     labels.append(name)
                     times.add(t)
                     if err is None:
                         ok.append(k)
-                        arrays.append(arr)
                     else:
                         errors[k] = err
-                inputs = np.stack(arrays) if arrays else np.empty((0, *self.item_shape), np.float32)
+                batch_tensor = chunk[0][1]
+                inputs = batch_tensor[:len(chunk)] if not errors else batch_tensor[ok]
                 yield Batch(items=labels, inputs=inputs, ok=ok, errors=errors, times=times)
 
 
