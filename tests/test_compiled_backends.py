@@ -311,3 +311,14 @@ def test_tensorrt_build_and_graph_replay_match_eager(random_weights, tmp_path, p
         info = backend.info()
     assert info["graph_batch_sizes"] == [16] and not info["graph_failures"]
     assert np.max(np.abs(sigmoid(got) - sigmoid(_eager_logits(random_weights, x)))) <= build.PARITY_TOLERANCE[precision]
+
+
+def test_onnxruntime_threads_sleep_between_operators(random_weights):
+    """The CPU loader's decode threads share the cores: ORT's pool must not spin on them between operators."""
+    from iws_engine import backends
+    from iws_engine.export import weights as weights_io
+
+    b = backends.create("onnxruntime", threads=2).load(weights_io.load(random_weights), (1, 256, 256))
+    opts = b._session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 2

@@ -38,6 +38,10 @@ class OnnxRuntimeBackend(Backend):
         opts.intra_op_num_threads = self.threads or cpu_cores()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's pool threads spin after each operator by default. The CPU loader's decode threads share these
+        # cores, and a spinning thread takes their time (and stalls ORT's own barrier when it is descheduled);
+        # the model's operators are long enough (ms per batch) that sleeping between them costs nothing.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         if self.device.startswith("cuda"):
             wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
