@@ -15,7 +15,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -23,6 +22,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
 #include "png_filter_math.cuh"
@@ -150,9 +150,14 @@ bool emit_row_plain(const Layout& L, const uint8_t* row, size_t count, size_t y,
 // raw: the inflated scanlines (filter byte + row per row, Adam7 passes one after another); out: the (H, W, C)
 // output as bytes (16-bit samples in native byte order). palette: 256 x C table (palette images), else empty;
 // trns_key: one value per stored channel (grey/RGB with tRNS), else empty; gamma: 256 or 65536 entries, or empty.
-// Returns (pass, row, value) of the first invalid filter type (pass: the Adam7 pass 1..7, 0 when not interlaced),
-// or (-1, 0, 0) when the image was decoded. Inconsistent arguments (a caller bug) raise ValueError.
-std::tuple<int, long, int> decode_general(GeneralBytes raw, size_t width, size_t height, int bit_depth, int color_type,
+// Returns (pass, row, value, refusal): the first invalid filter type (pass: the Adam7 pass 1..7, 0 when not
+// interlaced), or pass -1 when the image was decoded; refusal names inconsistent arguments (a caller bug, nothing
+// decoded; pass -2). Not an exception: the fuzzing build's ASan runtime cannot intercept a C++ throw there.
+using GeneralResult = std::tuple<int, long, int, std::string>;
+
+GeneralResult refused(const char* why) { return {-2, 0, 0, why}; }
+
+GeneralResult decode_general(GeneralBytes raw, size_t width, size_t height, int bit_depth, int color_type,
                                           int interlace, GeneralBytes palette, GeneralU16 trns_key, GeneralU16 gamma,
                                           GeneralBytesOut out) {
     Layout L;
@@ -167,43 +172,43 @@ std::tuple<int, long, int> decode_general(GeneralBytes raw, size_t width, size_t
         case 3: L.channels = 1; depth_ok = bit_depth == 1 || bit_depth == 2 || bit_depth == 4 || bit_depth == 8; break;
         case 4: L.channels = 2; depth_ok = bit_depth == 8 || bit_depth == 16; break;
         case 6: L.channels = 4; depth_ok = bit_depth == 8 || bit_depth == 16; break;
-        default: throw std::invalid_argument("decode_general: invalid colour type " + std::to_string(color_type));
+        default: return refused("decode_general: invalid colour type");
     }
-    if (!depth_ok) throw std::invalid_argument("decode_general: invalid bit depth for the colour type");
-    if (interlace != 0 && interlace != 1) throw std::invalid_argument("decode_general: invalid interlace method");
+    if (!depth_ok) return refused("decode_general: invalid bit depth for the colour type");
+    if (interlace != 0 && interlace != 1) return refused("decode_general: invalid interlace method");
     if (width == 0 || height == 0 || width > 0x7fffffffu || height > 0x7fffffffu)
-        throw std::invalid_argument("decode_general: width and height must be 1..2^31-1");
+        return refused("decode_general: width and height must be 1..2^31-1");
     const bool has_alpha = color_type == 4 || color_type == 6;
     if (color_type == 3) {
         if (palette.shape(0) != 256 * 3 && palette.shape(0) != 256 * 4)
-            throw std::invalid_argument("decode_general: a palette image needs a 256 x 3 or 256 x 4 table");
+            return refused("decode_general: a palette image needs a 256 x 3 or 256 x 4 table");
         L.out_channels = palette.shape(0) / 256;
         L.palette = palette.data();
         if (trns_key.shape(0) != 0 || gamma.shape(0) != 0)
-            throw std::invalid_argument("decode_general: palette images take tRNS and gamma in the table");
+            return refused("decode_general: palette images take tRNS and gamma in the table");
     } else {
-        if (palette.shape(0) != 0) throw std::invalid_argument("decode_general: a table for a non-palette image");
+        if (palette.shape(0) != 0) return refused("decode_general: a table for a non-palette image");
         if (trns_key.shape(0) != 0) {
             if ((color_type != 0 && color_type != 2) || trns_key.shape(0) != L.channels)
-                throw std::invalid_argument("decode_general: a tRNS key needs grey or RGB and one value per channel");
+                return refused("decode_general: a tRNS key needs grey or RGB and one value per channel");
             L.trns_key = trns_key.data();
         }
         L.out_channels = L.channels + (L.trns_key ? 1 : 0);
         L.colour = L.out_channels - ((has_alpha || L.trns_key) ? 1 : 0);
         if (gamma.shape(0) != 0) {
             if (gamma.shape(0) != (bit_depth == 16 ? 65536u : 256u))
-                throw std::invalid_argument("decode_general: the gamma table needs 256 (65536 for 16-bit) entries");
+                return refused("decode_general: the gamma table needs 256 (65536 for 16-bit) entries");
             L.gamma = gamma.data();
         }
     }
     if (L.trns_key) {  // a key no sample can reach would still be fine, but one past the sample type is a caller bug
         for (size_t k = 0; k < L.channels; ++k)
             if (bit_depth <= 8 && L.trns_key[k] > 255)
-                throw std::invalid_argument("decode_general: tRNS key beyond the sample range");
+                return refused("decode_general: tRNS key beyond the sample range");
     }
     if (L.gamma && bit_depth <= 8) {
         for (size_t k = 0; k < 256; ++k)
-            if (L.gamma[k] > 255) throw std::invalid_argument("decode_general: gamma table beyond 8 bits");
+            if (L.gamma[k] > 255) return refused("decode_general: gamma table beyond 8 bits");
     }
 
     const size_t bits_per_pixel = L.channels * (size_t)bit_depth;
@@ -214,7 +219,7 @@ std::tuple<int, long, int> decode_general(GeneralBytes raw, size_t width, size_t
     const size_t pixels = width * height;
     if (pixels / width != height || pixels > SIZE_MAX / (L.out_channels * sample_bytes) ||
         out.shape(0) != pixels * L.out_channels * sample_bytes)
-        throw std::invalid_argument("decode_general: the output is not H * W * C samples");
+        return refused("decode_general: the output is not H * W * C samples");
     const size_t npasses = interlace ? 7 : 1;
     size_t raw_size = 0, widest = 0;
     for (size_t p = 0; p < npasses; ++p) {
@@ -222,11 +227,11 @@ std::tuple<int, long, int> decode_general(GeneralBytes raw, size_t width, size_t
         const size_t pw = pass_extent(width, pass[0], pass[2]), ph = pass_extent(height, pass[1], pass[3]);
         if (!pw || !ph) continue;
         const size_t row_bytes = (pw * bits_per_pixel + 7) / 8;  // pw <= 2^31, bits_per_pixel <= 64
-        if (ph > (SIZE_MAX - raw_size) / (row_bytes + 1)) throw std::invalid_argument("decode_general: too large");
+        if (ph > (SIZE_MAX - raw_size) / (row_bytes + 1)) return refused("decode_general: too large");
         raw_size += ph * (row_bytes + 1);
         widest = row_bytes > widest ? row_bytes : widest;
     }
-    if (raw.shape(0) != raw_size) throw std::invalid_argument("decode_general: raw is not the image's scanlines");
+    if (raw.shape(0) != raw_size) return refused("decode_general: raw is not the image's scanlines");
 
     const uint8_t* src = raw.data();
     uint8_t* dst = out.data();
@@ -243,7 +248,7 @@ std::tuple<int, long, int> decode_general(GeneralBytes raw, size_t width, size_t
         std::memset(prev, 0, row_bytes);
         for (size_t r = 0; r < ph; ++r, pos += row_bytes + 1) {
             const unsigned filter = src[pos];
-            if (filter > 4) return {interlace ? (int)p + 1 : 0, (long)r, (int)filter};
+            if (filter > 4) return {interlace ? (int)p + 1 : 0, (long)r, (int)filter, std::string()};
             unfilter_row_general(filter, bpp, src + pos + 1, row_bytes, prev, cur);
             const size_t y = pass[1] + r * pass[3];
             if (!emit_row_plain(L, cur, pw, y, pass[2], dst)) {
@@ -255,7 +260,7 @@ std::tuple<int, long, int> decode_general(GeneralBytes raw, size_t width, size_t
             std::swap(cur, prev);
         }
     }
-    return {-1, 0, 0};
+    return {-1, 0, 0, std::string()};
 }
 
 }  // namespace

@@ -203,7 +203,7 @@ def test_native_true_without_the_core_is_an_error(monkeypatch) -> None:
 
 @needs_native
 def test_native_refuses_inconsistent_arguments() -> None:
-    """Caller bugs are ValueErrors before any memory is touched (the fuzz harness drives the same checks)."""
+    """Caller bugs are refused (pass -2, a reason) before any memory is touched; the fuzz harness drives the same."""
     from iws_engine.kernels import _cpu_decode as core
 
     u8, u16 = np.zeros(0, np.uint8), np.zeros(0, np.uint16)
@@ -213,12 +213,19 @@ def test_native_refuses_inconsistent_arguments() -> None:
         return core.decode_general(raw, width, height, depth, ct, interlace, palette, trns, gamma,
                                    np.zeros(out_len, np.uint8))
 
-    assert call() == (-1, 0, 0)
-    bad = [dict(raw=raw[:-1]), dict(out_len=11), dict(out_len=13), dict(depth=3), dict(ct=5), dict(ct=2, depth=4),
-           dict(interlace=2), dict(width=0, out_len=0), dict(palette=np.zeros(768, np.uint8)),
-           dict(ct=3, palette=np.zeros(700, np.uint8)), dict(trns=np.zeros(3, np.uint16)),
-           dict(trns=np.full(1, 256, np.uint16)), dict(gamma=np.zeros(255, np.uint16)),
-           dict(gamma=np.full(256, 256, np.uint16)), dict(interlace=1)]
-    for kwargs in bad:
-        with pytest.raises(ValueError, match="decode_general"):
-            call(**kwargs)
+    assert call() == (-1, 0, 0, "")
+    bad = {"raw is not the image's scanlines": [dict(raw=raw[:-1]), dict(interlace=1)],
+           "the output is not H * W * C samples": [dict(out_len=11), dict(out_len=13)],
+           "invalid bit depth": [dict(depth=3), dict(ct=2, depth=4)],
+           "invalid colour type": [dict(ct=5)], "invalid interlace method": [dict(interlace=2)],
+           "width and height must be": [dict(width=0, out_len=0)],
+           "a table for a non-palette image": [dict(palette=np.zeros(768, np.uint8))],
+           "a palette image needs": [dict(ct=3, palette=np.zeros(700, np.uint8))],
+           "a tRNS key needs": [dict(trns=np.zeros(3, np.uint16))],
+           "tRNS key beyond": [dict(trns=np.full(1, 256, np.uint16))],
+           "the gamma table needs": [dict(gamma=np.zeros(255, np.uint16))],
+           "gamma table beyond 8 bits": [dict(gamma=np.full(256, 256, np.uint16))]}
+    for reason, cases in bad.items():
+        for kwargs in cases:
+            number, _, _, refusal = call(**kwargs)
+            assert number == -2 and refusal.startswith("decode_general: " + reason), (kwargs, refusal)

@@ -490,9 +490,11 @@ def _decode_samples_native(info: PngInfo, raw: bytes, path) -> np.ndarray:
         lut = _gamma_lut_for(info)
         gamma = _NO_WORDS if lut is None else lut.astype(np.uint16, copy=False)  # 8-bit: 256 entries
     out = np.empty((info.height, info.width, channels), np.uint16 if info.bit_depth == 16 else np.uint8)
-    number, row, value = _native_decode_general(
+    number, row, value, refusal = _native_decode_general(
         np.frombuffer(raw, np.uint8), info.width, info.height, info.bit_depth, ct, info.interlace, table_bytes,
         trns_key, gamma, out.reshape(-1).view(np.uint8))
+    if refusal:  # a bug here, never a property of the file (parse_png and inflate_idat checked it)
+        raise RuntimeError(f"{refusal} (a {_describe(info)}, {len(raw)} scanline bytes)")
     if number >= 0:
         raise PngError(_bad_filter_reason(info, number, row, value), path)
     return out
