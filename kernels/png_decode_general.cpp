@@ -99,6 +99,14 @@ inline unsigned packed_sample(const uint8_t* row, size_t k, int depth) {
     return (unsigned)(row[bit >> 3] >> (8 - depth - (int)(bit & 7))) & ((1u << depth) - 1u);
 }
 
+template <size_t OC, typename T>
+void palette_row(const Layout& L, const uint8_t* row, size_t count, T* dst, size_t step) {
+    for (size_t x = 0; x < count; ++x, dst += step) {
+        const unsigned index = L.bit_depth == 8 ? row[x] : packed_sample(row, x, L.bit_depth);
+        for (size_t k = 0; k < OC; ++k) dst[k] = L.palette[index * OC + k];
+    }
+}
+
 // Pixels x0, x0 + dx, ... of output row y from one unfiltered row of `count` pixels.
 template <typename T>
 void emit_row(const Layout& L, const uint8_t* row, size_t count, size_t y, size_t x0, size_t dx, T* out) {
@@ -106,10 +114,10 @@ void emit_row(const Layout& L, const uint8_t* row, size_t count, size_t y, size_
     T* dst = out + (y * L.width + x0) * oc;
     const size_t step = dx * oc;
     if (L.color_type == 3) {  // palette: indices (any depth) through the table; gamma is in the table already
-        for (size_t x = 0; x < count; ++x, dst += step) {
-            const unsigned index = L.bit_depth == 8 ? row[x] : packed_sample(row, x, L.bit_depth);
-            std::memcpy(dst, L.palette + index * oc, oc);
-        }
+        if (oc == 3)
+            palette_row<3>(L, row, count, dst, step);
+        else
+            palette_row<4>(L, row, count, dst, step);
         return;
     }
     const size_t ch = L.channels;
