@@ -244,7 +244,8 @@ GeneralResult decode_general(GeneralBytes raw, size_t width, size_t height, int 
     const uint8_t* src = raw.data();
     uint8_t* dst = out.data();
     nb::gil_scoped_release unlocked;
-    std::vector<uint8_t> rows(2 * widest);  // the current row and the previous one (zeros above the first row)
+    thread_local std::vector<uint8_t> rows;  // the current row and the previous one, reused by each decode thread
+    if (rows.size() < 2 * widest) rows.resize(2 * widest);
     size_t pos = 0;
     for (size_t p = 0; p < npasses; ++p) {
         const size_t* pass = interlace ? kAdam7[p] : kPlain[0];

@@ -113,7 +113,7 @@ def fuzz_raw(data: bytes) -> None:
 
 def fuzz_raw_general(width: int, height: int, fmt: int, tables: int, body: bytes) -> None:
     """Inflated scanlines of any format, Adam7 or not, with or without the palette/tRNS/gamma tables."""
-    color_type, bit_depth = _GENERAL_FORMATS[fmt % len(_GENERAL_FORMATS)]
+    color_type, bit_depth = _GENERAL_FORMATS[(fmt & 15) % len(_GENERAL_FORMATS)]  # low bits: the format
     interlace = fmt >> 4 & 1
     channels = _CHANNELS[color_type]
     passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
