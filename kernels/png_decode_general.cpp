@@ -40,7 +40,9 @@ constexpr size_t kAdam7[7][4] = {{0, 0, 8, 8}, {4, 0, 8, 8}, {0, 4, 4, 8}, {2, 0
                                  {0, 2, 2, 4}, {1, 0, 2, 2}, {0, 1, 1, 2}};
 constexpr size_t kPlain[1][4] = {{0, 0, 1, 1}};
 
-size_t pass_extent(size_t size, size_t start, size_t step) { return size > start ? (size - start + step - 1) / step : 0; }
+size_t pass_extent(size_t size, size_t start, size_t step) {
+    return size > start ? (size - start + step - 1) / step : 0;
+}
 
 // One row of BPP-byte pixels (BPP = 1 also for sub-byte depths): the filter type and pixel size are template
 // parameters, so the predictor from png_filter_math.cuh inlines and the BPP byte chains run interleaved.
@@ -124,7 +126,8 @@ void emit_row(const Layout& L, const uint8_t* row, size_t count, size_t y, size_
     T sample[4];
     for (size_t x = 0; x < count; ++x, dst += step) {
         if (L.bit_depth == 16) {
-            for (size_t k = 0; k < ch; ++k) sample[k] = (T)((unsigned)row[2 * (x * ch + k)] << 8 | row[2 * (x * ch + k) + 1]);
+            const uint8_t* p = row + 2 * x * ch;
+            for (size_t k = 0; k < ch; ++k) sample[k] = (T)((unsigned)p[2 * k] << 8 | p[2 * k + 1]);
         } else if (L.bit_depth == 8) {
             for (size_t k = 0; k < ch; ++k) sample[k] = row[x * ch + k];
         } else {  // grey only: scaled to 8 bits as libpng expands it
@@ -166,18 +169,19 @@ using GeneralResult = std::tuple<int, long, int, std::string>;
 GeneralResult refused(const char* why) { return {-2, 0, 0, why}; }
 
 GeneralResult decode_general(GeneralBytes raw, size_t width, size_t height, int bit_depth, int color_type,
-                                          int interlace, GeneralBytes palette, GeneralU16 trns_key, GeneralU16 gamma,
-                                          GeneralBytesOut out) {
+                             int interlace, GeneralBytes palette, GeneralU16 trns_key, GeneralU16 gamma,
+                             GeneralBytesOut out) {
     Layout L;
     L.width = width;
     L.height = height;
     L.bit_depth = bit_depth;
     L.color_type = color_type;
+    const bool sub_byte = bit_depth == 1 || bit_depth == 2 || bit_depth == 4;
     bool depth_ok;
     switch (color_type) {
-        case 0: L.channels = 1; depth_ok = bit_depth == 1 || bit_depth == 2 || bit_depth == 4 || bit_depth == 8 || bit_depth == 16; break;
+        case 0: L.channels = 1; depth_ok = sub_byte || bit_depth == 8 || bit_depth == 16; break;
         case 2: L.channels = 3; depth_ok = bit_depth == 8 || bit_depth == 16; break;
-        case 3: L.channels = 1; depth_ok = bit_depth == 1 || bit_depth == 2 || bit_depth == 4 || bit_depth == 8; break;
+        case 3: L.channels = 1; depth_ok = sub_byte || bit_depth == 8; break;
         case 4: L.channels = 2; depth_ok = bit_depth == 8 || bit_depth == 16; break;
         case 6: L.channels = 4; depth_ok = bit_depth == 8 || bit_depth == 16; break;
         default: return refused("decode_general: invalid colour type");

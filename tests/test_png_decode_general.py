@@ -1,4 +1,4 @@
-"""The general PNG decoder (png.decode_parsed): native (kernels/png_decode_general.cpp) = NumPy spec = libpng, bit for bit.
+"""The general PNG decoder (png.decode_parsed): native (kernels/png_decode_general.cpp) = NumPy spec = libpng.
 
 Three implementations of unfilter + de-interlace + unpack are compared on the stored samples, then on the decoded
 arrays (palette, tRNS, sub-byte scaling and gamma applied with png.py's tables):
