@@ -11,7 +11,7 @@ Two kinds of input, chosen by the first byte, so that mutations reach the native
   input, once as it comes and once forced through the full (all-lanes) path; every other file (interlaced, palette,
   sub-byte, gamma) through the native general decoder (kernels/png_decode_general.cpp), and small ones also through
   its NumPy spec, which must give the same array;
-- odd: a header (width, height, depth, colour type, output size, general-decoder format) followed by *inflated*
+- odd: a header (width, height, depth, colour type, output size, general-decoder mode) followed by *inflated*
   scanlines, handed to the native core as they are (decode_preprocess with is_raw), to its row unfilter, and to the
   general decoder (any depth, colour type, Adam7, tables).
 The only acceptable failures are PngError (a clear per-file error); anything else (a Python exception, a sanitizer
@@ -108,13 +108,14 @@ def fuzz_raw(data: bytes) -> None:
                                            cols.w0, cols.w1, rows.i0, rows.i1, rows.w0, rows.w1, 0.25, 0.5, out,
                                            force_full)
     assert status == _core.STATUS_BAD_SHAPE, status
-    fuzz_raw_general(width, height, data[6], data[7], body)
+    fuzz_raw_general(width, height, data[7], body)
 
 
-def fuzz_raw_general(width: int, height: int, fmt: int, tables: int, body: bytes) -> None:
-    """Inflated scanlines of any format, Adam7 or not, with or without the palette/tRNS/gamma tables."""
-    color_type, bit_depth = _GENERAL_FORMATS[(fmt & 15) % len(_GENERAL_FORMATS)]  # low bits: the format
-    interlace = fmt >> 4 & 1
+def fuzz_raw_general(width: int, height: int, mode: int, body: bytes) -> None:
+    """Inflated scanlines of any format, Adam7 or not, with or without the palette/tRNS/gamma tables. `mode`: bits 0-3
+    the format, bit 4 Adam7, bits 5-6 the tables (palette with alpha or tRNS key; gamma)."""
+    color_type, bit_depth = _GENERAL_FORMATS[(mode & 15) % len(_GENERAL_FORMATS)]
+    interlace, tables = mode >> 4 & 1, mode >> 5
     channels = _CHANNELS[color_type]
     passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
     need = 0
