@@ -39,12 +39,13 @@ try:  # the native core (kernels/cpu_decode.cpp): CRC-32 (libdeflate's, ~10x zli
 except ImportError:  # pragma: no cover - depends on the install
     _crc32 = zlib.crc32
     _native_inflate_into = None
+
+__all__ = ["PngError", "PngInfo", "png_dimensions", "parse_png", "inflate_idat", "decode_png", "decode_parsed", "decode_png_file"]
+
 try:  # the native general decoder (kernels/png_decode_general.cpp), in the same module; else the NumPy spec decodes
     from iws_engine.kernels._cpu_decode import decode_general as _native_decode_general
 except ImportError:  # pragma: no cover - depends on the install
     _native_decode_general = None
-
-__all__ = ["PngError", "PngInfo", "png_dimensions", "parse_png", "inflate_idat", "decode_png", "decode_parsed", "decode_png_file"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_UINT31 = 2**31 - 1

@@ -8,14 +8,14 @@ build, -DIWS_SANITIZE=ON), preloads the ASan runtime and passes the sanitized mo
 
 Two kinds of input, chosen by the first byte, so that mutations reach the native code rather than dying at a CRC:
 - even: a PNG file, parsed without CRC checks, then (when the native core takes it) decoded straight into the model
-  input, once as it comes and once forced through the full (all-lanes) path; every other file (interlaced, palette,
-  sub-byte, gamma) through the native general decoder (kernels/png_decode_general.cpp), and small ones also through
-  its NumPy spec, which must give the same array;
-- odd: a header (width, height, depth, colour type, output size, general-decoder mode) followed by *inflated*
-  scanlines, handed to the native core as they are (decode_preprocess with is_raw), to its row unfilter, and to the
-  general decoder (any depth, colour type, Adam7, tables).
+  input, once as it comes and once forced through the full (all-lanes) path;
+- odd: a header (width, height, depth, colour type, output size) followed by *inflated* scanlines, handed to the
+  native core as they are (decode_preprocess with is_raw) and to its general unfilter.
 The only acceptable failures are PngError (a clear per-file error); anything else (a Python exception, a sanitizer
 report, a crash) is a finding.
+The general decoder (kernels/png_decode_general.cpp: any depth, colour type, Adam7, palette/tRNS/gamma tables) gets
+every file the fused path does not take, small ones also decoded by its NumPy spec, which must give the same array;
+and every raw input once more, its format, interlace and tables read from header byte 7 (fuzz_raw_general).
 """
 
 from __future__ import annotations
@@ -108,12 +108,25 @@ def fuzz_raw(data: bytes) -> None:
                                            cols.w0, cols.w1, rows.i0, rows.i1, rows.w0, rows.w1, 0.25, 0.5, out,
                                            force_full)
     assert status == _core.STATUS_BAD_SHAPE, status
-    fuzz_raw_general(width, height, data[7], body)
 
 
-def fuzz_raw_general(width: int, height: int, mode: int, body: bytes) -> None:
-    """Inflated scanlines of any format, Adam7 or not, with or without the palette/tRNS/gamma tables. `mode`: bits 0-3
-    the format, bit 4 Adam7, bits 5-6 the tables (palette with alpha or tRNS key; gamma)."""
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    if data[0] % 2 == 0:
+        fuzz_file(data[1:])
+    else:
+        fuzz_raw(data[1:])
+        fuzz_raw_general(data[1:])
+
+
+def fuzz_raw_general(data: bytes) -> None:
+    """fuzz_raw's input for the general decoder: inflated scanlines of any format, Adam7 or not, with or without the
+    palette/tRNS/gamma tables. Byte 7: bits 0-3 the format, bit 4 Adam7, bits 5-6 the tables (palette with alpha or
+    tRNS key; gamma)."""
+    if len(data) < 8:
+        return
+    width, height, mode, body = 1 + data[0] % 64, 1 + data[1] % 64, data[7], data[8:] or b"\0"
     color_type, bit_depth = _GENERAL_FORMATS[(mode & 15) % len(_GENERAL_FORMATS)]
     interlace, tables = mode >> 4 & 1, mode >> 5
     channels = _CHANNELS[color_type]
@@ -145,15 +158,6 @@ def fuzz_raw_general(width: int, height: int, mode: int, body: bytes) -> None:
     number, _, _, refusal = _core.decode_general(raw[:-1], width, height, bit_depth, color_type, interlace, palette,
                                                  trns, gamma, out)
     assert number == -2 and refusal, number
-
-
-def test_one_input(data: bytes) -> None:
-    if not data:
-        return
-    if data[0] % 2 == 0:
-        fuzz_file(data[1:])
-    else:
-        fuzz_raw(data[1:])
 
 
 def main() -> None:
