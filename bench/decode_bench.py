@@ -5,7 +5,8 @@
 Measures, on the same PNG bytes held in RAM:
   per-core decode   one vignette at a time on one thread (min and median ms/img): old decode only, old decode +
                     preprocess, native (parse + inflate + unfilter + resize/grey/normalise, fused), native forced
-                    through the full (all-lanes) path
+                    through the full (all-lanes) path; and the general decoder (decode_png) on the same vignettes
+                    written Adam7-interlaced and as 8-bit palette images (formats the fused native path does not take)
   decode threads    CpuLoader batches (decode + preprocess, no model) with 1 and 2 worker threads, old and native
   end to end        Classifier.classify, exact fp32 (ONNX Runtime, Julia-exact preprocessing), old and native loader
   projection        per-core end-to-end rate and the 17 M archive pass on a 56-core server at that per-core rate
@@ -55,6 +56,23 @@ def _rate(fn, n: int, runs: int) -> dict:
             "img_per_s_best": max(rates), "seconds": seconds, "images": n}
 
 
+def _general_decode_rows(blobs: list[bytes], runs: int) -> dict:
+    """decode_png (the general decoder, kernels/png_decode_general.cpp) on the vignettes re-encoded Adam7-interlaced
+    (same format) and as 8-bit palette images (a grey ramp), Paeth rows like the originals."""
+    from iws_engine.export.synth import encode_png_samples
+    from iws_engine.loaders.png import decode_png, parse_png
+
+    adam7, palette8 = [], []
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    for blob in blobs:
+        info, samples = parse_png(blob), decode_png(blob)
+        adam7.append(encode_png_samples(samples, info.color_type, info.bit_depth, interlace=True))
+        grey = samples[:, :, :1] >> 8 if samples.dtype == np.uint16 else samples[:, :, :1]
+        palette8.append(encode_png_samples(grey.astype(np.uint8), 3, 8, palette=ramp))
+    return {"general_decode_adam7": _per_image_ms(decode_png, adam7, runs),
+            "general_decode_palette8": _per_image_ms(decode_png, palette8, runs)}
+
+
 def run(n: int, fmt: str, size: tuple[int, int], runs: int, batch_size: int, single: int) -> dict:
     from iws_engine.api import Classifier
     from iws_engine.backends.base import cpu_cores
@@ -84,6 +102,7 @@ def run(n: int, fmt: str, size: tuple[int, int], runs: int, batch_size: int, sin
         "native_full_path": _per_image_ms(lambda b: native.decode_preprocess(parse_png(b), spec, out, force_full=True),
                                           few, runs),
         "native_parse_only": _per_image_ms(lambda b: parse_png(b), few, runs),
+        **_general_decode_rows(few, runs),
     }
 
     def loader_pass(workers: int, use_native: bool):

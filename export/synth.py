@@ -491,6 +491,59 @@ def encode_png(field: np.ndarray, fmt: str, row_filter: str = "paeth") -> bytes:
     return buffer.tobytes()
 
 
+# PNG filter type numbers (PNG spec 9.2) of the row filters encode_png_samples writes; "all" cycles through them.
+_FILTER_TYPES = {"none": 0, "sub": 1, "up": 2, "average": 3, "paeth": 4, "all": None}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def encode_png_samples(samples: np.ndarray, color_type: int, bit_depth: int, *, interlace: bool = False,
+                       palette: np.ndarray | None = None, row_filter: str = "paeth") -> bytes:
+    """Any PNG format, written with NumPy: (H, W, C) stored samples (palette indices for colour type 3) -> PNG bytes,
+    Adam7-interlaced on request. For the formats OpenCV does not write (palette, 1/2/4-bit, grey+alpha, Adam7): the
+    general decoder's tests and benchmark. `row_filter` "all" gives row r of each pass filter type (pass + r) % 5."""
+    import struct
+    import zlib
+
+    if row_filter not in _FILTER_TYPES:
+        raise ValueError(f"unknown row filter {row_filter!r}; expected one of {tuple(_FILTER_TYPES)}")
+    height, width, channels = samples.shape
+    bpp = max(1, channels * bit_depth // 8)
+
+    def scanlines(sub: np.ndarray) -> np.ndarray:  # (h, w, c) samples -> (h, row_bytes) bytes as PNG stores them
+        if bit_depth == 16:
+            return np.ascontiguousarray(sub.astype(">u2")).view(np.uint8).reshape(sub.shape[0], -1)
+        if bit_depth == 8:
+            return np.ascontiguousarray(sub.astype(np.uint8)).reshape(sub.shape[0], -1)
+        bits = np.unpackbits(sub.astype(np.uint8).reshape(sub.shape[0], -1, 1), axis=2)[:, :, 8 - bit_depth:]
+        return np.packbits(bits.reshape(sub.shape[0], -1), axis=1)
+
+    def filtered(rows: np.ndarray, first: int) -> bytes:  # every row at once: the predictors read unfiltered bytes
+        x = rows.astype(np.int32)
+        a, b, c = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)
+        a[:, bpp:], b[1:], c[1:, bpp:] = x[:, :-bpp], x[:-1], x[:-1, :-bpp]
+        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        predictors = np.stack([np.zeros_like(x), a, b, (a + b) >> 1, paeth])
+        fixed = _FILTER_TYPES[row_filter]
+        types = np.array([(first + r) % 5 if fixed is None else fixed for r in range(len(x))], np.int64)
+        out = (x - predictors[types, np.arange(len(x))]) & 0xFF
+        return np.concatenate([types[:, None], out], axis=1).astype(np.uint8).tobytes()
+
+    if interlace:
+        subs = [samples[y0::dy, x0::dx] for x0, y0, dx, dy in _ADAM7]
+        raw = b"".join(filtered(scanlines(sub), k) for k, sub in enumerate(subs) if sub.size)
+    else:
+        raw = filtered(scanlines(samples), 0)
+
+    def chunk(ctype: bytes, body: bytes = b"") -> bytes:
+        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(ctype)))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, int(interlace))
+    plte = b"" if palette is None else chunk(b"PLTE", np.asarray(palette, np.uint8).tobytes())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + plte + chunk(b"IDAT", zlib.compress(raw, 6))
+            + chunk(b"IEND"))
+
+
 # ---------- data sets ----------
 def vignette_ids(n: int) -> list[str]:
     """Zero-padded ids (iws_000000, …), wider when n needs it so they sort."""

@@ -413,6 +413,9 @@ uint32_t crc32(Bytes data, uint32_t value) {
 
 }  // namespace
 
+// kernels/png_decode_general.cpp: the general decoder (every depth, colour type and Adam7), same module.
+void iws_register_general_decode(nb::module_& m);
+
 NB_MODULE(_cpu_decode, m) {
     m.doc() = "Native CPU PNG decode core for the IWS preprocessing spec (see kernels/cpu_decode.cpp).";
     m.attr("INFLATER") = IWS_HAVE_LIBDEFLATE ? "libdeflate" : "zlib";
@@ -430,4 +433,5 @@ NB_MODULE(_cpu_decode, m) {
           nb::arg("out"));
     m.def("inflate_into", &inflate_into, nb::arg("data"), nb::arg("adler32"), nb::arg("out"));
     m.def("crc32", &crc32, nb::arg("data"), nb::arg("value") = 0);
+    iws_register_general_decode(m);
 }

@@ -1,6 +1,7 @@
 """The native CPU decode core (kernels/cpu_decode.cpp via loaders/native.py) equals the NumPy reference bit for bit.
 
-The reference is decode_png (OpenCV's libpng unfilter + png.py's colour handling) followed by preprocess_reference;
+The reference is decode_png (png.py's general decoder, itself tested against its NumPy spec, libpng and Pillow in
+tests/test_png_decode_general.py and tests/test_png.py) followed by preprocess_reference;
 the native core shares its arithmetic with the CUDA kernels (kernels/png_filter_math.cuh, julia_resize_math.cuh), so
 these tests also check the GPU kernels' per-pixel arithmetic on the CPU.
 """

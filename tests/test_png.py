@@ -844,12 +844,12 @@ def test_idat_bomb_is_bounded() -> None:
     assert time.perf_counter() - start < 1.0
 
 
-def test_sides_beyond_opencvs_libpng_limit_are_a_clear_error() -> None:
+def test_sides_beyond_libpngs_user_limit_are_a_clear_error() -> None:
     width = 1_000_001
     idat = zlib.compress(bytes(width + 1))
     data = SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, 1, 8, 0, 0, 0, 0)) + chunk(b"IDAT", idat)
     assert rejects(data + chunk(b"IEND")) == (
-        "1000001x1 8-bit greyscale image: OpenCV's libpng refuses sides over 1000000 pixels"
+        "1000001x1 8-bit greyscale image: libpng (PNGFiles.jl) refuses sides over 1000000 pixels"
     )
 
 

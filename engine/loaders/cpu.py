@@ -1,7 +1,7 @@
 """The CPU loader: PNG decode + reference preprocessing in a thread pool, yielding batches.
 
-The native decode core (loaders/native.py), cv2's decoder and NumPy's big operations release the
-GIL, so threads scale across cores without pickling images between processes. In-flight work is bounded (a few batches), so a
+The native decode core (loaders/native.py), the native general decoder (png.decode_parsed) and NumPy's big operations
+release the GIL, so threads scale across cores without pickling images between processes. In-flight work is bounded (a few batches), so a
 17-million-image archive runs in constant memory, and decoding of the next batch overlaps the
 inference of the current one.
 """

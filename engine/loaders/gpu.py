@@ -64,7 +64,7 @@ from iws_engine import kernels
 from iws_engine.backends.base import cpu_cores
 from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS, Batch, StageTimes, _label, load_clip_one, load_one, read_input
 from iws_engine.loaders.png import (
-    _LIBPNG_USER_LIMIT,  # OpenCV's libpng refuses larger sides; the CPU path reports that error
+    _LIBPNG_USER_LIMIT,  # libpng (PNGFiles.jl) refuses larger sides; the CPU path reports that error
     GREY,
     GREY_ALPHA,
     PALETTE,

@@ -4,18 +4,16 @@
 rules, chunk order and the zlib header, guards against decompression bombs, and hands back the
 joined IDAT stream (and its raw deflate body) for a CPU or GPU inflater. `decode_png` then
 returns the pixels as Julia's PNGFiles.jl (libpng) would load them. Every rejection is a
-`PngError` naming the file and the reason; malformed input never reaches OpenCV.
+`PngError` naming the file and the reason.
 
-Decoding design: we inflate the IDAT stream ourselves (one zlib pass) so that a stream that is
-too short, too long, truncated, or fails its Adler-32 is always an error (OpenCV's libpng only
-warns about surplus data, and Pillow accepts short data). The verified scanlines are then
-re-wrapped as *stored* (uncompressed) deflate blocks in a minimal PNG, and OpenCV only unfilters
-them: its second "inflate" is a memcpy, so the whole decode costs one inflate plus a little.
-Colour handling (palette, tRNS, gamma, channel order) is done here in NumPy, so OpenCV's own
-conventions for those never matter. For the record, OpenCV 5.0's `imdecode(IMREAD_UNCHANGED)`
-on a whole file: keeps 16 bits; returns BGR/BGRA; palette -> BGR, or BGRA with tRNS;
-grey+alpha -> 4-channel BGRA with B=G=R; 1/2/4-bit grey -> one channel scaled like libpng;
-tRNS applied on RGB but ignored on grey; gAMA ignored.
+Decoding design: we inflate the IDAT stream ourselves (libdeflate through the native core, zlib
+naming what is wrong) so that a stream that is too short, too long, truncated, or fails its
+Adler-32 is always an error (libpng only warns about surplus data, and Pillow accepts short data).
+The verified scanlines are then unfiltered, de-interlaced, unpacked and colour-handled (palette,
+tRNS, sub-byte scaling, gamma) by the native general decoder (kernels/png_decode_general.cpp) in
+one GIL-free call, or, where the native core is not built, by the NumPy code below, which is its
+spec: the tables (palette, tRNS key, gamma) are built here once for both. Non-interlaced 8/16-bit
+files without gamma have a faster route still, straight to the model input (loaders/native.py).
 """
 
 from __future__ import annotations
@@ -43,6 +41,11 @@ except ImportError:  # pragma: no cover - depends on the install
     _native_inflate_into = None
 
 __all__ = ["PngError", "PngInfo", "png_dimensions", "parse_png", "inflate_idat", "decode_png", "decode_parsed", "decode_png_file"]
+
+try:  # the native general decoder (kernels/png_decode_general.cpp), in the same module; else the NumPy spec decodes
+    from iws_engine.kernels._cpu_decode import decode_general as _native_decode_general
+except ImportError:  # pragma: no cover - depends on the install
+    _native_decode_general = None
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_UINT31 = 2**31 - 1
@@ -404,20 +407,6 @@ def _inflate_idat_zlib(info: PngInfo, *, path: str | os.PathLike[str] | None = N
     return raw
 
 
-def _check_filter_types(info: PngInfo, raw: bytes, path) -> None:
-    """libpng stops at a filter byte > 4; name the row instead of a vague OpenCV failure."""
-    data = np.frombuffer(raw, np.uint8)
-    start = 0
-    for pass_index, (width, height) in enumerate(_pass_sizes(info.width, info.height, info.interlace)):
-        stride = 1 + _row_bytes(width, info.bits_per_pixel)
-        filters = data[start : start + stride * height : stride]
-        bad = np.flatnonzero(filters > 4)
-        if bad.size:
-            where = f"Adam7 pass {pass_index + 1} row {bad[0]}" if info.interlace else f"row {bad[0]}"
-            raise PngError(f"invalid filter type {filters[bad[0]]} on {where}", path)
-        start += stride * height
-
-
 def _describe(info: PngInfo) -> str:
     kind = "interlaced " if info.interlace else ""
     return f"{info.width}x{info.height} {kind}{info.bit_depth}-bit {_COLOUR_NAMES[info.color_type]} image"
@@ -450,12 +439,23 @@ def decode_png(
     return decode_parsed(parse_png(data, path=path, max_pixels=max_pixels), path=path)
 
 
-def decode_parsed(info: PngInfo, *, path: str | os.PathLike[str] | None = None) -> np.ndarray:
-    """decode_png for a file parse_png has already checked."""
+def decode_parsed(info: PngInfo, *, path: str | os.PathLike[str] | None = None,
+                  native: bool | None = None) -> np.ndarray:
+    """decode_png for a file parse_png has already checked.
+
+    `native`: the native core (kernels/png_decode_general.cpp) when built (None, the default, or True), else the
+    NumPy spec it is tested against (False; also the fallback where the core is not built). Same arrays either way.
+    """
     raw = inflate_idat(info, path=path)
-    _check_filter_types(info, raw, path)
-    samples = _unfilter_with_opencv(info, raw, path)
-    return _to_output(info, samples)
+    if max(info.width, info.height) > _LIBPNG_USER_LIMIT:
+        raise PngError(f"{_describe(info)}: libpng (PNGFiles.jl) refuses sides over {_LIBPNG_USER_LIMIT} pixels", path)
+    if native is None:
+        native = _native_decode_general is not None
+    if native:
+        if _native_decode_general is None:
+            raise RuntimeError("native=True, but the native decode core is not built (pip install -e . builds it)")
+        return _decode_samples_native(info, raw, path)
+    return _to_output(info, _unfilter_numpy(info, raw, path))
 
 
 def decode_png_file(path: str | os.PathLike[str], **kwargs) -> np.ndarray:
@@ -468,101 +468,149 @@ def decode_png_file(path: str | os.PathLike[str], **kwargs) -> np.ndarray:
     return decode_png(data, path=path, **kwargs)
 
 
-# --- unfiltering through OpenCV ------------------------------------------------------------------
+# --- unfiltering: native (kernels/png_decode_general.cpp) or NumPy (the spec) -------------------------------------
 
-_STORED_BLOCK = 65_535  # the largest stored deflate block
-_LIBPNG_USER_LIMIT = 1_000_000  # libpng's default PNG_USER_WIDTH_MAX / PNG_USER_HEIGHT_MAX
-
-
-def _chunk(ctype: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
-    crc = zlib.crc32(ctype)
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-    length = sum(len(p) for p in parts)
-    return [struct.pack(">I", length), ctype, *parts, struct.pack(">I", crc)]
+_LIBPNG_USER_LIMIT = 1_000_000  # libpng's default PNG_USER_WIDTH_MAX / PNG_USER_HEIGHT_MAX (PNGFiles.jl refuses more)
+_NO_BYTES = np.zeros(0, np.uint8)
+_NO_WORDS = np.zeros(0, np.uint16)
 
 
-def _stored_png(info: PngInfo, raw: bytes) -> bytes:
-    """A minimal PNG holding `raw` in stored deflate blocks, one IDAT per block.
-
-    Palette images are declared as grey of the same depth (identical scanline layout), so
-    OpenCV returns the indices and the palette lookup stays ours.
-    """
-    color_type = GREY if info.color_type == PALETTE else info.color_type
-    ihdr = struct.pack(">IIBBBBB", info.width, info.height, info.bit_depth, color_type, 0, 0, info.interlace)
-    parts: list[bytes | memoryview] = [PNG_SIGNATURE, *_chunk(b"IHDR", ihdr), *_chunk(b"IDAT", b"\x78\x01")]
-    view = memoryview(raw)
-    total = len(raw)
-    for start in range(0, total, _STORED_BLOCK):
-        block = view[start : start + _STORED_BLOCK]
-        final = start + _STORED_BLOCK >= total
-        header = struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF)
-        parts += _chunk(b"IDAT", header, block)
-    parts += _chunk(b"IDAT", struct.pack(">I", info.adler32))  # inflate_idat verified it against raw
-    parts += _chunk(b"IEND")
-    return b"".join(parts)
-
-
-def _unfilter_with_opencv(info: PngInfo, raw: bytes, path) -> np.ndarray:
-    """Unfilter (and de-interlace) verified scanlines; returns OpenCV's 2-D or BGR(A) array."""
-    import cv2  # lazy: parse_png users (the GPU host side) need no OpenCV
-
-    if max(info.width, info.height) > _LIBPNG_USER_LIMIT:
-        raise PngError(f"{_describe(info)}: OpenCV's libpng refuses sides over {_LIBPNG_USER_LIMIT} pixels", path)
-    png = _stored_png(info, raw)
-    try:
-        img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise PngError(f"OpenCV could not decode the verified pixel data ({str(exc).strip()})", path) from None
-    if img is None:
-        # e.g. OpenCV's own size limits (CV_IO_MAX_IMAGE_WIDTH/HEIGHT/PIXELS)
-        raise PngError(f"OpenCV refused to decode the verified pixel data of a {_describe(info)}", path)
-    dtype = np.uint16 if info.bit_depth == 16 else np.uint8
-    if img.shape[:2] != (info.height, info.width) or img.dtype != dtype:
-        raise PngError(f"OpenCV returned {img.shape} {img.dtype} for a {_describe(info)}", path)
-    return img
+def _decode_samples_native(info: PngInfo, raw: bytes, path) -> np.ndarray:
+    """The native general decoder: unfilter, de-interlace, unpack and the colour handling in one GIL-free call, with
+    the tables (palette, tRNS key, gamma) built here so libpng's rules stay in one place."""
+    ct = info.color_type
+    trns_key = _NO_WORDS
+    if ct == PALETTE:
+        table = _palette_table(info)
+        channels, table_bytes, gamma = table.shape[1], table.reshape(-1), _NO_WORDS
+    else:
+        table_bytes = _NO_BYTES
+        if info.trns is not None:  # parse_png keeps tRNS only where it is valid: grey or RGB here
+            trns_key = np.asarray(_trns_key(info), np.uint16)
+        channels = info.channels + (info.trns is not None)
+        lut = _gamma_lut_for(info)
+        gamma = _NO_WORDS if lut is None else lut.astype(np.uint16, copy=False)  # 8-bit: 256 entries
+    out = np.empty((info.height, info.width, channels), np.uint16 if info.bit_depth == 16 else np.uint8)
+    number, row, value, refusal = _native_decode_general(
+        np.frombuffer(raw, np.uint8), info.width, info.height, info.bit_depth, ct, info.interlace, table_bytes,
+        trns_key, gamma, out.reshape(-1).view(np.uint8))
+    if refusal:  # a bug here, never a property of the file (parse_png and inflate_idat checked it)
+        raise RuntimeError(f"{refusal} (a {_describe(info)}, {len(raw)} scanline bytes)")
+    if number >= 0:
+        raise PngError(_bad_filter_reason(info, number, row, value), path)
+    return out
 
 
-def _to_output(info: PngInfo, img: np.ndarray) -> np.ndarray:
-    """OpenCV's layout -> (H, W, C) in R,G,B(,A) with palette, tRNS and gamma applied."""
-    import cv2
+def _bad_filter_reason(info: PngInfo, number: int, row: int, value: int) -> str:
+    """libpng stops at a filter byte > 4; name the row (and the Adam7 pass, 1..7) instead."""
+    where = f"Adam7 pass {number} row {row}" if info.interlace else f"row {row}"
+    return f"invalid filter type {value} on {where}"
 
+
+def _unfilter_numpy(info: PngInfo, raw: bytes, path) -> np.ndarray:
+    """The spec of the native general decoder's unfilter: inflated scanlines -> (H, W, channels) stored sample values
+    (uint8, or uint16 for 16-bit; sub-byte samples unpacked, not scaled; palette indices), Adam7 passes scattered to
+    their pixels. Pure NumPy, row by row; used where the native core is not built, and by the tests as the oracle."""
+    data = np.frombuffer(raw, np.uint8)
+    samples = np.empty((info.height, info.width, info.channels), np.uint16 if info.bit_depth == 16 else np.uint8)
+    pos = 0
+    for number, (x0, y0, dx, dy) in enumerate(_ADAM7 if info.interlace else ((0, 0, 1, 1),), 1):
+        pass_w = len(range(x0, info.width, dx))
+        pass_h = len(range(y0, info.height, dy))
+        if not pass_w or not pass_h:  # an empty pass has no filter bytes at all
+            continue
+        row_bytes = _row_bytes(pass_w, info.bits_per_pixel)
+        block = data[pos : pos + pass_h * (row_bytes + 1)].reshape(pass_h, row_bytes + 1)
+        pos += block.size
+        bad = np.flatnonzero(block[:, 0] > 4)
+        if bad.size:
+            raise PngError(_bad_filter_reason(info, number if info.interlace else 0, bad[0], block[bad[0], 0]), path)
+        rows = _unfilter_rows(block, info.filter_stride)
+        samples[y0::dy, x0::dx] = _unpack_rows(rows, pass_w, info.channels, info.bit_depth)
+    return samples
+
+
+def _unfilter_rows(block: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG spec section 9 on (rows, 1 + row_bytes) filtered bytes -> (rows, row_bytes) unfiltered bytes."""
+    height, row_bytes = block.shape[0], block.shape[1] - 1
+    out = np.empty((height, row_bytes), np.uint8)
+    prev = np.zeros(row_bytes, np.uint8)
+    for r in range(height):
+        ftype, x = int(block[r, 0]), block[r, 1:]
+        if ftype == 0:  # None
+            line = x.copy()
+        elif ftype == 1:  # Sub: a running sum per byte lane, mod 256
+            line = x.reshape(-1, bpp).cumsum(axis=0, dtype=np.uint8).reshape(-1)
+        elif ftype == 2:  # Up
+            line = x + prev
+        else:  # Average, Paeth: each byte needs the reconstructed byte to its left
+            line, above = x.tolist(), prev.tolist()
+            for i in range(row_bytes):
+                a = line[i - bpp] if i >= bpp else 0
+                b = above[i]
+                if ftype == 3:
+                    predicted = (a + b) >> 1
+                else:
+                    c = above[i - bpp] if i >= bpp else 0
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    predicted = a if pa <= pb and pa <= pc else b if pb <= pc else c
+                line[i] = (line[i] + predicted) & 0xFF
+            line = np.array(line, np.uint8)
+        out[r] = prev = line
+    return out
+
+
+def _unpack_rows(rows: np.ndarray, count: int, channels: int, bit_depth: int) -> np.ndarray:
+    """(rows, row_bytes) unfiltered bytes -> (rows, count, channels) samples (16-bit big-endian; sub-byte MSB first)."""
+    height = rows.shape[0]
+    if bit_depth == 16:
+        return rows.view(">u2").reshape(height, count, channels).astype(np.uint16)
+    if bit_depth == 8:
+        return rows.reshape(height, count, channels)
+    bits = np.unpackbits(rows, axis=1)[:, : count * bit_depth].reshape(height, count, bit_depth)
+    weights = (1 << np.arange(bit_depth - 1, -1, -1)).astype(np.uint8)
+    return (bits * weights).sum(axis=2, dtype=np.uint8)[:, :, None]
+
+
+def _to_output(info: PngInfo, samples: np.ndarray) -> np.ndarray:
+    """Stored samples (_unfilter_numpy) -> (H, W, C) with palette, sub-byte scaling, tRNS and gamma applied: the
+    spec of what kernels/png_decode_general.cpp does with the same tables."""
     ct = info.color_type
     if ct == PALETTE:
-        return _palette_lut(info)[img]
-    if ct == GREY:
-        out = img[:, :, None]
-    elif ct == GREY_ALPHA:
-        out = img[:, :, [0, 3]]  # OpenCV expands grey+alpha to BGRA with B=G=R
-    elif ct == RGB:
-        out = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # ~3x faster than a NumPy channel gather
-    else:
-        out = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+        return _palette_table(info)[samples[:, :, 0]]
+    out = samples
+    if info.bit_depth < 8:  # grey: libpng's expansion to 8 bits (x255, x85, x17)
+        out = out * np.uint8(255 // ((1 << info.bit_depth) - 1))
     if info.trns is not None:  # only kept for grey and RGB
         out = np.concatenate([out, _trns_alpha(info, out)], axis=2)
     lut = _gamma_lut_for(info)
     if lut is not None:
         colour = out.shape[2] - (ct in (GREY_ALPHA, RGBA) or info.trns is not None)
-        out = np.ascontiguousarray(out)
+        out = np.array(out)
         out[:, :, :colour] = lut[out[:, :, :colour]]
     return np.ascontiguousarray(out)
 
 
-def _trns_alpha(info: PngInfo, samples: np.ndarray) -> np.ndarray:
-    """Alpha plane from a grey/RGB tRNS colour key, compared on the stored sample values."""
-    # libpng masks the key to the bit depth; sub-byte grey is compared after the same x255/x85/x17
-    # scaling OpenCV (libpng) applied to the samples.
+def _trns_key(info: PngInfo) -> list[int]:
+    """The grey/RGB tRNS colour key as the decoded samples hold it."""
+    # libpng masks the key to the bit depth; sub-byte grey is compared after the x255/x85/x17 scaling.
     maxval = (1 << info.bit_depth) - 1
     key = [int.from_bytes(info.trns[i : i + 2], "big") & maxval for i in range(0, len(info.trns), 2)]
     if info.bit_depth < 8:
         key = [k * (255 // maxval) for k in key]
+    return key
+
+
+def _trns_alpha(info: PngInfo, samples: np.ndarray) -> np.ndarray:
+    """Alpha plane from a grey/RGB tRNS colour key, compared on the stored (sub-byte: scaled) sample values."""
     opaque = 65535 if info.bit_depth == 16 else 255
-    match = np.all(samples == np.asarray(key, samples.dtype), axis=2, keepdims=True)
+    match = np.all(samples == np.asarray(_trns_key(info), samples.dtype), axis=2, keepdims=True)
     return np.where(match, samples.dtype.type(0), samples.dtype.type(opaque))
 
 
-def _palette_lut(info: PngInfo) -> np.ndarray:
-    """256-entry RGB(A) table indexed by OpenCV's grey output (sub-byte indices arrive scaled)."""
+def _palette_table(info: PngInfo) -> np.ndarray:
+    """256-entry RGB(A) table indexed by the palette index, gamma applied (libpng corrects the palette itself)."""
     channels = 4 if info.trns is not None else 3
     entries = np.zeros((256, channels), np.uint8)  # libpng: missing entries are black...
     entries[:, 3:] = 255  # ...and opaque
@@ -571,14 +619,9 @@ def _palette_lut(info: PngInfo) -> np.ndarray:
     if info.trns is not None:
         entries[: len(info.trns), 3] = np.frombuffer(info.trns, np.uint8)
     lut = _gamma_lut_for(info)
-    if lut is not None:  # libpng gamma-corrects the palette itself
+    if lut is not None:
         entries[:, :3] = lut[entries[:, :3]]
-    if info.bit_depth == 8:
-        return entries
-    scale = 255 // ((1 << info.bit_depth) - 1)
-    table = np.zeros((256, channels), np.uint8)
-    table[:: scale][: 1 << info.bit_depth] = entries[: 1 << info.bit_depth]
-    return table
+    return entries
 
 
 def _gamma_lut_for(info: PngInfo) -> np.ndarray | None:
@@ -614,3 +657,4 @@ def _gamma_lut(gamma_fixed: int, bits: int, shift: int) -> np.ndarray:
     lut = lut.astype(np.uint16 if bits == 16 else np.uint8)
     lut.flags.writeable = False
     return lut
+

@@ -96,9 +96,9 @@ def write_seeds(seeds: Path) -> int:
         for row_filter in ROW_FILTERS:
             put(f"synth-{fmt}-{row_filter}.png", b"\0" + encode_png(field, fmt, row_filter))
     rng = np.random.default_rng(5)
-    for k in range(16):  # raw-scanline inputs: header (see fuzz_raw) + random filtered bytes
+    for k in range(32):  # raw-scanline inputs: header (see fuzz_raw) + random filtered bytes
         header = bytes([1, int(rng.integers(0, 256)), int(rng.integers(0, 256)), k % 8, int(rng.integers(0, 256)),
-                        int(rng.integers(0, 256)), k % 2, 0, 0])
+                        int(rng.integers(0, 256)), k % 2, 0, k % 15 | (k & 16) | (k % 4) << 5])
         put(f"raw-{k}", header + rng.integers(0, 256, 512, dtype=np.uint8).tobytes())
     if REGRESSIONS.is_dir():
         for path in sorted(REGRESSIONS.iterdir()):

@@ -13,6 +13,9 @@ Two kinds of input, chosen by the first byte, so that mutations reach the native
   native core as they are (decode_preprocess with is_raw) and to its general unfilter.
 The only acceptable failures are PngError (a clear per-file error); anything else (a Python exception, a sanitizer
 report, a crash) is a finding.
+The general decoder (kernels/png_decode_general.cpp: any depth, colour type, Adam7, palette/tRNS/gamma tables) gets
+every file the fused path does not take, small ones also decoded by its NumPy spec, which must give the same array;
+and every raw input once more, its format, interlace and tables read from header byte 7 (fuzz_raw_general).
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ import numpy as np  # not instrumented: its coverage is noise here
 
 with atheris.instrument_imports(include=["iws_engine"]):
     from iws_engine.loaders import native
-    from iws_engine.loaders.png import PngError, parse_png
+    from iws_engine.loaders.png import _ADAM7, PngError, decode_parsed, parse_png
     from iws_engine.preprocess import PreprocessSpec, imresize_axis_weights
 
 MAX_PIXELS = 1 << 20  # keeps each input fast; the guard itself is tested in tests/test_png.py
 _core = native._core
 _COLOUR = (0, 2, 4, 6)  # the colour types the native core takes
-_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_GENERAL_FORMATS = ((0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 1), (3, 2), (3, 4), (3, 8),
+                    (4, 8), (4, 16), (6, 8), (6, 16))  # (colour type, bit depth): every PNG format
+SPEC_CHECK_BYTES = 4096  # files up to this many scanline bytes are also decoded by the (slow) NumPy spec
 
 
 def _spec(h: int, w: int) -> PreprocessSpec:
@@ -54,6 +60,13 @@ def fuzz_file(data: bytes) -> None:
     except PngError:
         return
     if not native.handles(info):
+        try:
+            decoded = decode_parsed(info, path="fuzz")
+        except PngError:
+            return
+        if info.raw_size <= SPEC_CHECK_BYTES:
+            spec = decode_parsed(info, path="fuzz", native=False)
+            assert decoded.dtype == spec.dtype and decoded.shape == spec.shape and np.array_equal(decoded, spec)
         return
     h_out = 1 + data[-1] % 40 if data else 8
     w_out = 1 + data[-2] % 40 if len(data) > 1 else 8
@@ -104,6 +117,47 @@ def test_one_input(data: bytes) -> None:
         fuzz_file(data[1:])
     else:
         fuzz_raw(data[1:])
+        fuzz_raw_general(data[1:])
+
+
+def fuzz_raw_general(data: bytes) -> None:
+    """fuzz_raw's input for the general decoder: inflated scanlines of any format, Adam7 or not, with or without the
+    palette/tRNS/gamma tables. Byte 7: bits 0-3 the format, bit 4 Adam7, bits 5-6 the tables (palette with alpha or
+    tRNS key; gamma)."""
+    if len(data) < 8:
+        return
+    width, height, mode, body = 1 + data[0] % 64, 1 + data[1] % 64, data[7], data[8:] or b"\0"
+    color_type, bit_depth = _GENERAL_FORMATS[(mode & 15) % len(_GENERAL_FORMATS)]
+    interlace, tables = mode >> 4 & 1, mode >> 5
+    channels = _CHANNELS[color_type]
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    need = 0
+    for x0, y0, dx, dy in passes:
+        pass_w, pass_h = len(range(x0, width, dx)), len(range(y0, height, dy))
+        if pass_w and pass_h:
+            need += pass_h * (1 + (pass_w * channels * bit_depth + 7) // 8)
+    raw = np.frombuffer((body * (need // len(body) + 1))[:need], np.uint8)
+    table = np.frombuffer((body * (1024 // len(body) + 1))[:1024], np.uint8)
+    words = table.view(">u2").astype(np.uint16) if bit_depth == 16 else table[:256].astype(np.uint16)
+    palette, trns, gamma = np.zeros(0, np.uint8), np.zeros(0, np.uint16), np.zeros(0, np.uint16)
+    out_channels = channels
+    if color_type == 3:
+        out_channels = 4 if tables & 1 else 3
+        palette = table[: 256 * out_channels]
+    else:
+        if tables & 1 and color_type in (0, 2):
+            trns, out_channels = words[:channels] & (0xFFFF if bit_depth == 16 else 0xFF), channels + 1
+        if tables & 2:
+            gamma = np.resize(words, 65536 if bit_depth == 16 else 256)
+    out = np.empty(height * width * out_channels * (2 if bit_depth == 16 else 1), np.uint8)
+    number, row, value, refusal = _core.decode_general(raw, width, height, bit_depth, color_type, interlace, palette,
+                                                       trns, gamma, out)
+    assert not refusal, refusal
+    assert number == -1 or (value > 4 and 0 <= row < height and (1 <= number <= 7 if interlace else number == 0))
+    # a raw stream that is not what it claims must be refused, never read past
+    number, _, _, refusal = _core.decode_general(raw[:-1], width, height, bit_depth, color_type, interlace, palette,
+                                                 trns, gamma, out)
+    assert number == -2 and refusal, number
 
 
 def main() -> None:

@@ -106,6 +106,23 @@ def test_png_decode(benchmark, vignette_png, inflate_reference):
     _check("png_decode_rgba16", benchmark, lambda: decode_png(vignette_png), inflate_reference)
 
 
+@pytest.mark.parametrize("variant", ["adam7_rgba16", "palette8"])
+def test_png_decode_general(benchmark, vignette_png, variant):
+    """The general decoder (kernels/png_decode_general.cpp) on the vignette written Adam7-interlaced, or as an 8-bit
+    palette image; the reference is zlib inflate of that file's own stream."""
+    from iws_engine.export.synth import encode_png_samples
+    from iws_engine.loaders.png import decode_png, parse_png
+
+    pixels = decode_png(vignette_png)
+    if variant == "palette8":
+        ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+        data = encode_png_samples((pixels[:, :, :1] >> 8).astype(np.uint8), 3, 8, palette=ramp)
+    else:
+        data = encode_png_samples(pixels, 6, 16, interlace=True)
+    stream = parse_png(data).idat
+    _check(f"png_decode_{variant}", benchmark, lambda: decode_png(data), lambda: zlib.decompress(stream))
+
+
 def test_native_decode_preprocess(benchmark, vignette_png, inflate_reference, spec):
     """The CPU loader's default per-file path: parse + the native core (inflate, unfilter, resize, grey, normalise)."""
     from iws_engine.loaders import native
