@@ -136,9 +136,15 @@ def test_openvino_int8_equals_onnxruntime_int8_on_the_same_graph(int8_classified
     ort = backends.create("onnxruntime", precision="int8").load(graph, target.input_shape)
     p_ov, p_ort = sigmoid(ov.infer(x)), sigmoid(ort.infer(x))
     assert np.max(np.abs(p_ov - p_ort)) <= 1e-5
+    # a batch is split over the streams (one per core); smaller batches run on one stream with all threads
     one_by_one = np.concatenate([sigmoid(ov.infer(x[i:i + 1])) for i in range(4)])
-    assert np.max(np.abs(one_by_one - p_ov[:4])) <= 1e-5
-    assert ov.info()["openvino"] and ov.info()["precision"] == "int8"
+    uneven = np.concatenate([sigmoid(ov.infer(x[i:i + 3])) for i in range(0, 15, 3)])
+    one_stream = backends.create("openvino", precision="int8", streams=1).load(graph, target.input_shape)
+    assert np.max(np.abs(one_by_one - p_ov[:4])) <= 1e-5 and np.max(np.abs(uneven - p_ov[:15])) <= 1e-5
+    assert np.max(np.abs(sigmoid(one_stream.infer(x)) - p_ov)) <= 1e-5
+    info = ov.info()
+    assert info["openvino"] and info["precision"] == "int8" and info["streams"] == min(2, info["threads"])
+    assert one_stream.info()["streams"] == 1
     with pytest.raises(BackendError, match="iws-engine build --backend openvino --precision int8"):
         backends.create("openvino", precision="int8").load(target.source, target.input_shape)
     with pytest.raises(BackendError, match="holds no INT8 Q/DQ nodes"):

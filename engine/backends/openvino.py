@@ -17,9 +17,15 @@ otherwise runs fp32 graphs in bf16 wherever the CPU has AVX-512 BF16, which miss
 parity gate on the real checkpoint (max |dp| 0.0067 > 5e-3). The hint also keeps the few float
 ops of the INT8 graph (input quantization, global average pool, dequantization) in fp32.
 
-One compiled model serves every batch size (dynamic batch dimension). Each calling thread gets
-its own infer request (requests are not thread-safe; the compiled model is). Threads are not
-pinned to cores: the CPU loader's decoder threads share them.
+A batch is split over `streams` infer requests (default: one per thread, i.e. per core), each run
+by its own single-threaded OpenVINO stream, instead of one request whose convolutions all threads
+share: no synchronisation inside a layer, and a core taken for a while by a decoder thread slows
+only its own part. Measured on the 2-core EPYC (noisy, best of 7, same process): batch 16, 316 img/s
+with 2 streams against 279 with one 2-thread stream (ONNX Runtime int8: 266); batch 64, 318 / 291.
+A batch smaller than the stream count runs as one request on all the threads (a second compiled
+model, made when first needed). One compiled model serves every batch size (dynamic batch
+dimension). Each calling thread gets its own requests (requests are not thread-safe, compiled
+models are). Threads are not pinned to cores: the CPU loader's decoder threads share them.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ def import_openvino():
 class OpenVinoBackend(Backend):
     name = "openvino"
 
-    def __init__(self, precision: str = "fp32", device: str = "cpu", threads: int | None = None):
+    def __init__(self, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
+                 streams: int | None = None):
         if precision not in PRECISIONS:
             raise BackendError(f"openvino backend: precision {precision!r} is not supported "
                                f"({', '.join(PRECISIONS)})")
@@ -56,6 +63,8 @@ class OpenVinoBackend(Backend):
             raise BackendError(f"openvino backend: runs on the CPU only, not {device!r}")
         super().__init__(precision, device)
         self.threads = threads
+        self.streams = streams
+        self._lock = threading.Lock()
 
     def _load_impl(self, model) -> None:
         ov = import_openvino()
@@ -72,37 +81,53 @@ class OpenVinoBackend(Backend):
             raise BackendError(f"openvino backend: expected one input and one output, got "
                                f"{len(network.inputs)} and {len(network.outputs)}")
         network.reshape([-1, *self.input_shape])
-        self._compiled = core.compile_model(network, "CPU", {
-            "INFERENCE_NUM_THREADS": self.threads or cpu_cores(),
-            "PERFORMANCE_HINT": "LATENCY",  # one stream: a batch runs on all the threads
-            "INFERENCE_PRECISION_HINT": "f32",
-            "ENABLE_CPU_PINNING": False,
-        })
+        self.threads = self.threads or cpu_cores()
+        self.streams = max(1, min(self.streams or self.threads, self.threads))
+        self._compile = lambda streams: core.compile_model(network, "CPU", {
+            "INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": streams,
+            "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False})
+        self._compiled = self._compile(self.streams)
+        self._one_stream = None  # for batches smaller than the stream count: compiled when first needed
         self._requests = threading.local()
 
-    def _request(self):
-        request = getattr(self._requests, "request", None)
-        if request is None:
-            request = self._requests.request = self._compiled.create_infer_request()
-        return request
+    def _requests_here(self, n: int) -> list:
+        """This thread's infer requests for a batch of `n`: one per stream, or, for n < streams, one request
+        on all the threads (a single image would otherwise run on one core)."""
+        here = self._requests.__dict__
+        if n >= self.streams:
+            if "streams" not in here:
+                here["streams"] = [self._compiled.create_infer_request() for _ in range(self.streams)]
+            return here["streams"]
+        if "one_stream" not in here:
+            with self._lock:
+                if self._one_stream is None:
+                    self._one_stream = self._compile(1)
+            here["one_stream"] = [self._one_stream.create_infer_request()]
+        return here["one_stream"]
 
     def _infer_impl(self, batch, out) -> None:
         from iws_engine.backends.onnxruntime import to_host
 
         x = np.ascontiguousarray(to_host(batch), dtype=np.float32)
-        request = self._request()
-        request.infer([x], share_inputs=True)
-        y = request.get_output_tensor(0).data
-        if isinstance(out, np.ndarray):
-            out[...] = y.reshape(out.shape)
-        else:  # a torch tensor
+        y = np.empty((len(x), *self.output_shape), np.float32) if not isinstance(out, np.ndarray) else out
+        requests = self._requests_here(len(x))
+        parts = np.array_split(np.arange(len(x)), len(requests))
+        for request, part in zip(requests, parts):
+            request.start_async([x[part[0]:part[-1] + 1]], share_inputs=True)
+        for request, part in zip(requests, parts):
+            request.wait()
+            y[part[0]:part[-1] + 1] = request.get_output_tensor(0).data.reshape((len(part), *self.output_shape))
+        if y is not out:  # a torch tensor
             import torch
 
-            out.copy_(torch.from_numpy(np.array(y).reshape(tuple(out.shape))))
+            out.copy_(torch.from_numpy(y).reshape(tuple(out.shape)))
 
     def _close_impl(self) -> None:
-        self._compiled = None
+        self._compiled = self._one_stream = self._compile = None
         self._requests = threading.local()
+
+    def info(self) -> dict:
+        return {**super().info(), "threads": self.threads, "streams": self.streams}
 
     def versions(self) -> dict[str, str]:
         return {"openvino": import_openvino().__version__}
