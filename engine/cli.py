@@ -38,11 +38,12 @@ def add_model_choice_args(g) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     add_model_choice_args(g)
-    g.add_argument("--backend", choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"),
+    g.add_argument("--backend", choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt", "openvino"),
                    help="inference backend (default: onnxruntime for sarcnn, the fastest on CPU; torch for eva02xgb)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16", "int8"),
-                   help="(default: %(default)s, exact; on the CPU, int8 (--backend onnxruntime) and bf16/fp16 "
+                   help="(default: %(default)s, exact; on the CPU, int8 (--backend onnxruntime or openvino, the "
+                        "faster on x86) and bf16/fp16 "
                         "(--backend inductor) are parity-gated on first use, then cached; TensorRT int8/fp8 engines "
                         "come from `iws-engine build`)")
     g.add_argument("--artifacts", type=Path, metavar="DIR",
@@ -313,7 +314,7 @@ def cmd_info(args) -> int:
     from iws_engine.backends.base import cpu_cores
 
     print(f"iws-engine {__version__} on Python {platform.python_version()}, {cpu_cores()} cores")
-    for pkg in ("torch", "onnxruntime", "onnx", "numpy", "opencv-python-headless", "xgboost", "xgboost-cpu",
+    for pkg in ("torch", "onnxruntime", "openvino", "onnx", "numpy", "opencv-python-headless", "xgboost", "xgboost-cpu",
                 "cupy-cuda13x", "nvidia-nvcomp-cu13", "nvidia-dali-cuda130", "tensorrt", "torch-tensorrt"):
         try:
             print(f"  {pkg:24s} {md.version(pkg)}")
@@ -431,16 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=_positive_int, metavar="N",
                    help="parity probe images (default: 48 for sarcnn, 16 for eva02xgb)")
     p.add_argument("--backend", default="onnxruntime",
-                   choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt"))
+                   choices=("onnxruntime", "torch", "inductor", "tensorrt", "torch-tensorrt", "openvino"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "fp16", "bf16", "int8", "fp8"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", default="1:64:256", metavar="MIN:OPT:MAX", help="batch profile (default: %(default)s)")
     p.add_argument("-o", "--output", type=Path, metavar="DIR", help="default: artifacts/<model>-<backend>-<precision>")
     p.add_argument("--no-build", action="store_true", help="fail instead of (re)building when no fitting artefact exists")
     p.add_argument("--calib", type=Path, metavar="DIR",
-                   help="calibration PNGs for --precision int8 (--backend tensorrt: entropy calibration; onnxruntime: "
-                        "QDQ ranges) or --backend tensorrt --precision fp8 (Q/DQ scales); default for fp8 and "
-                        "onnxruntime int8: synthetic probe vignettes")
+                   help="calibration PNGs for --precision int8 (--backend tensorrt: entropy calibration; onnxruntime "
+                        "or openvino: QDQ ranges) or --backend tensorrt --precision fp8 (Q/DQ scales); default for fp8 "
+                        "and onnxruntime/openvino int8: synthetic probe vignettes")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("serve", help="serve the model over HTTP (KServe v2 / Triton protocol), batching requests")

@@ -1,6 +1,6 @@
 """Gated artefacts built on first use: the fast CPU precisions in `classify` (and `bench`) without --artifacts.
 
-The reduced precisions on the CPU — ONNX Runtime INT8 (a calibrated QDQ graph) and inductor's
+The reduced precisions on the CPU — INT8 on ONNX Runtime or OpenVINO (a calibrated QDQ graph) and inductor's
 bf16/fp16 — run only once they passed the parity gate on the model at hand. Without --artifacts
 the artefact is built by `export.build.build` — the same export, calibration (INT8: the target's
 probe vignettes; for real calibration images run `iws-engine build --calib DIR` and pass
@@ -28,7 +28,7 @@ FAILED_MANIFEST = "manifest.failed.json"
 
 def needs_artefact(backend: str, precision: str, device: str = "cpu") -> bool:
     """Whether (backend, precision, device) runs only from a built, parity-gated artefact."""
-    if (backend, precision) == ("onnxruntime", "int8"):
+    if backend in ("onnxruntime", "openvino") and precision == "int8":
         return True
     return backend == "inductor" and precision in ("bf16", "fp16") and not str(device).startswith("cuda")
 

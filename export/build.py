@@ -59,10 +59,12 @@ _DISTRIBUTIONS = {"tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")}
 CALIBRATION_CACHE = "calibration.cache"
 #: the FP8 Q/DQ graph a TensorRT fp8 engine is built from (+ its .data file for EVA02)
 FP8_ONNX = "model.fp8.onnx"
-#: the INT8 QDQ graph ONNX Runtime runs for --backend onnxruntime --precision int8
+#: the INT8 QDQ graph ONNX Runtime (and OpenVINO) run for --backend onnxruntime|openvino --precision int8
 INT8_ONNX = "model.int8.onnx"
-#: builds that take --calib: TensorRT's INT8 calibrator and FP8 scales, ONNX Runtime's INT8 ranges
-CALIBRATED_BUILDS = (("tensorrt", "int8"), ("tensorrt", "fp8"), ("onnxruntime", "int8"))
+#: backends that run the INT8 QDQ graph of export/quantize_int8.py (SAR_CNN only)
+INT8_QDQ_BACKENDS = ("onnxruntime", "openvino")
+#: builds that take --calib: TensorRT's INT8 calibrator and FP8 scales, the INT8 QDQ ranges
+CALIBRATED_BUILDS = (("tensorrt", "int8"), ("tensorrt", "fp8"), *((b, "int8") for b in INT8_QDQ_BACKENDS))
 #: fp8/int8 without --calib calibrate on the target's probe vignettes drawn with this seed offset, so
 #: the parity gate never scores the images the scales came from
 FP8_PROBE_SEED_OFFSET = 1
@@ -73,7 +75,7 @@ def environment(device: str) -> dict[str, str]:
     import importlib.metadata as md
 
     env = {"python": platform.python_version(), "machine": platform.machine()}
-    for library in ("torch", "onnx", "onnxruntime", "tensorrt", "torch-tensorrt"):
+    for library in ("torch", "onnx", "onnxruntime", "openvino", "tensorrt", "torch-tensorrt"):
         for dist in _DISTRIBUTIONS.get(library, (library,)):
             try:
                 env[library] = md.version(dist)
@@ -99,6 +101,7 @@ def environment(device: str) -> dict[str, str]:
 #: environment fields an artefact of each backend must match exactly to be reused
 BINDING_FIELDS = {
     "onnxruntime": ("onnx", "onnxruntime"),
+    "openvino": ("onnx", "onnxruntime", "openvino"),  # onnxruntime: its quantizer made the INT8 graph
     "torch": ("torch",),
     "inductor": ("torch", "gpu", "compute_capability", "cuda"),
     "tensorrt": ("tensorrt", "gpu", "compute_capability"),
@@ -308,9 +311,9 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
         raise BuildError(f"unknown precision {precision!r}; choose from {', '.join(PARITY_TOLERANCE)}")
     if calib_dir is not None and (backend, precision) not in CALIBRATED_BUILDS:
         raise BuildError("--calib is only used by --backend tensorrt --precision int8 or fp8 and "
-                         "--backend onnxruntime --precision int8")
-    if (backend, precision) == ("onnxruntime", "int8") and target.model != "sarcnn":
-        raise BuildError(f"--backend onnxruntime --precision int8 quantizes SAR_CNN only, not {target.model}")
+                         "--backend onnxruntime|openvino --precision int8")
+    if backend in INT8_QDQ_BACKENDS and precision == "int8" and target.model != "sarcnn":
+        raise BuildError(f"--backend {backend} --precision int8 quantizes SAR_CNN only, not {target.model}")
     calib_files = calibration_files(Path(calib_dir)) if calib_dir is not None else None
     calib_key = calibration_key(target.sha256, target.spec, calib_files) if calib_files else None
     if device.startswith("cuda"):
@@ -336,7 +339,7 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
 
     out_dir.mkdir(parents=True, exist_ok=True)
     artefact, artefact_build = None, None
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "openvino"):
         artefact = source = export_onnx(target.source, out_dir / "model.onnx", input_shape=target.input_shape)
         if precision == "int8":
             artefact, quantization = quantize_onnx_int8(target, artefact, out_dir, calib_files)
@@ -370,7 +373,7 @@ def build(*, weights_path: Path | None = None, backend: str, precision: str, dev
         "artefact_sha256": sha256_file(artefact) if artefact else None,
         "artefact_data": _external_data(artefact),
         "artefact_build": artefact_build,
-        # fp8 and ONNX Runtime int8: no calibration cache; their scales are in artefact_build.quantization
+        # fp8 and the INT8 QDQ graphs: no calibration cache; their scales are in artefact_build.quantization
         "calibration": ({"key": calib_key, "images": len(calib_files),
                          "cache": CALIBRATION_CACHE if (backend, precision) == ("tensorrt", "int8") else None}
                         if calib_files else None),

@@ -10,6 +10,7 @@ from iws_engine.backends.base import Backend, BackendError
 BACKENDS = {
     "torch": "iws_engine.backends.torch_eager:TorchBackend",
     "onnxruntime": "iws_engine.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "iws_engine.backends.openvino:OpenVinoBackend",
     "inductor": "iws_engine.backends.inductor:InductorBackend",
     "tensorrt": "iws_engine.backends.tensorrt:TensorRTBackend",
     "torch-tensorrt": "iws_engine.backends.torch_tensorrt:TorchTensorRTBackend",

@@ -33,7 +33,7 @@ class OnnxRuntimeBackend(Backend):
         from iws_engine.export.onnx import onnx_session_source
 
         if self.precision == "int8":
-            _require_int8_graph(model)
+            require_int8_graph(model, self.name)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or cpu_cores()
         opts.inter_op_num_threads = 1
@@ -57,7 +57,7 @@ class OnnxRuntimeBackend(Backend):
         self.providers = self._session.get_providers()
 
     def _infer_impl(self, batch, out) -> None:
-        x = np.ascontiguousarray(_to_host(batch), dtype=np.float32)
+        x = np.ascontiguousarray(to_host(batch), dtype=np.float32)
         (y,) = self._session.run([self._output], {self._input: x})
         if isinstance(out, np.ndarray):
             out[...] = y.reshape(out.shape)
@@ -75,19 +75,20 @@ class OnnxRuntimeBackend(Backend):
         return {"onnxruntime": ort.__version__}
 
 
-def _require_int8_graph(model) -> None:
-    """int8 runs only a quantized graph: quantizing here would skip calibration and the parity gate."""
+def require_int8_graph(model, backend: str) -> None:
+    """int8 runs only a quantized graph: quantizing here would skip calibration and the parity gate.
+    (The openvino backend runs the same graphs and shares this check.)"""
     if not (isinstance(model, (str, Path)) and str(model).endswith(".onnx")):
-        raise BackendError("onnxruntime int8 runs a quantized, parity-gated graph: build it with "
-                           "`iws-engine build --backend onnxruntime --precision int8 [--calib DIR]` and pass "
+        raise BackendError(f"{backend} int8 runs a quantized, parity-gated graph: build it with "
+                           f"`iws-engine build --backend {backend} --precision int8 [--calib DIR]` and pass "
                            "--artifacts (classify --precision int8 builds it on first use)")
     from iws_engine.export.quantize_int8 import is_int8_graph
 
     if not is_int8_graph(model):
-        raise BackendError(f"onnxruntime int8: {model} holds no INT8 Q/DQ nodes")
+        raise BackendError(f"{backend} int8: {model} holds no INT8 Q/DQ nodes")
 
 
-def _to_host(batch):
+def to_host(batch):
     """A host array from NumPy, a torch tensor or a CuPy/`__cuda_array_interface__` array."""
     if isinstance(batch, np.ndarray):
         return batch

@@ -189,6 +189,22 @@ def test_onnxruntime_int8_inference(benchmark, random_model, tmp_path):
     _check("onnxruntime_int8_sarcnn_b8", benchmark, lambda: b.infer(x, out), _arithmetic_reference())
 
 
+def test_openvino_int8_inference(benchmark, random_model, tmp_path):
+    """The same INT8 QDQ graph on OpenVINO (oneDNN int8 convolutions), one thread: speed only."""
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'iws-engine[openvino]')")
+    from iws_engine import backends
+    from iws_engine.export import weights
+    from iws_engine.export.onnx import export_onnx
+    from iws_engine.export.quantize_int8 import quantize_int8
+
+    x = np.random.default_rng(2).standard_normal((8, 1, 256, 256)).astype(np.float32)
+    source = export_onnx(weights.load(random_model), tmp_path / "model.onnx")
+    quantize_int8(source, tmp_path / "model.int8.onnx", [x])
+    b = backends.create("openvino", precision="int8", threads=1).load(tmp_path / "model.int8.onnx", (1, 256, 256))
+    out = np.empty(8, np.float32)
+    _check("openvino_int8_sarcnn_b8", benchmark, lambda: b.infer(x, out), _arithmetic_reference())
+
+
 def test_end_to_end_classify(benchmark, random_model, vignette_png, inflate_reference):
     from iws_engine.api import Classifier
 
