@@ -284,7 +284,7 @@ def library_versions() -> dict[str, str]:
     import platform
 
     versions = {"python": platform.python_version()}
-    for pkg in ("iws-engine", "numpy", "pyarrow", "onnxruntime", "torch", "xgboost", "xgboost-cpu", "ray"):
+    for pkg in ("iws-engine", "numpy", "pyarrow", "onnxruntime", "openvino", "torch", "xgboost", "xgboost-cpu", "ray"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

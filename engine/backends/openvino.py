@@ -8,7 +8,8 @@ here: on our 2-core AMD EPYC (Zen 4, AVX-512 VNNI, no AMX), real IWS checkpoint,
 core per image stream, the first convolution (1 input channel, 49 MACs per output) costs 0.28 ms
 per image in OpenVINO against 0.83 ms in ONNX Runtime's QLinearConv, and the 5×5 convolution
 (64 % of the 1.32 GMAC) 3.96 against 4.31 ms: 6.2 against 7.0 core-ms per image, i.e. ~320 against
-~280 img/s on 2 cores; the scores are the same (max |dp| 0.0134 against fp32 for both). ONNX
+~280 img/s on 2 cores (end to end from PNG bytes, batch 16: 14.6 against 16.1 core-ms per image,
+135 against 122 img/s, noisy); the scores are the same (max |dp| 0.0134 against fp32 for both). ONNX
 Runtime's own knobs (per-tensor scales, QOperator format, reduce_range, the first conv in fp32)
 did not beat 7.0 core-ms (README, "Fast CPU precisions").
 
@@ -19,8 +20,8 @@ ops of the INT8 graph (input quantization, global average pool, dequantization) 
 
 A batch is split over `streams` infer requests (default: one per thread, i.e. per core), each run
 by its own single-threaded OpenVINO stream, instead of one request whose convolutions all threads
-share: no synchronisation inside a layer, and a core taken for a while by a decoder thread slows
-only its own part. Measured on the 2-core EPYC (noisy, best of 7, same process): batch 16, 316 img/s
+share: no synchronisation inside a layer, so a core taken for a while by another thread (a decoder)
+stalls only its own part of the batch instead of every layer's barrier. Measured on the 2-core EPYC (noisy, best of 7, same process): batch 16, 316 img/s
 with 2 streams against 279 with one 2-thread stream (ONNX Runtime int8: 266); batch 64, 318 / 291.
 A batch smaller than the stream count runs as one request on all the threads (a second compiled
 model, made when first needed). One compiled model serves every batch size (dynamic batch
@@ -37,8 +38,6 @@ import numpy as np
 from iws_engine.backends.base import Backend, BackendError, cpu_cores
 
 PRECISIONS = ("fp32", "int8")
-#: pip distribution that provides it (`pip install 'iws-engine[openvino]'`)
-PACKAGE = "openvino"
 
 
 def import_openvino():
