@@ -41,11 +41,14 @@ class Classifier:
             from iws_engine.export.targets import SarcnnTarget
 
             artifacts = cached_artifacts(SarcnnTarget(weights), backend, precision, device)
+        on_gpu = str(device).startswith("cuda")
+        # CPU threads are the caller's to size (e.g. one per reprocess worker); GPU backends take none
+        options = {"threads": threads} if threads is not None and not on_gpu else {}
         if artifacts is not None:
             # a built, parity-checked artefact (iws-engine build): its manifest names weights and backend
             from iws_engine.export.build import load_artifacts
 
-            self.backend, target, self.manifest = load_artifacts(Path(artifacts), device=device)
+            self.backend, target, self.manifest = load_artifacts(Path(artifacts), device=device, **options)
             if target.model != "sarcnn":
                 raise ValueError(f"{artifacts}: holds a {target.model} artefact; use "
                                  "iws_engine.pipeline_a.EvaXgbClassifier(artifacts=...) for it")
@@ -63,10 +66,8 @@ class Classifier:
         batch_size = batch_size or default_batch_size(device)
         self.batch_size = batch_size
         if self.manifest is None:
-            options = {"threads": threads} if threads is not None else {}
             self.backend = backends.create(backend, precision=precision, device=device, **options)
             self.backend.load(self.weights, (self.spec.channels, *self.spec.size))
-        on_gpu = str(device).startswith("cuda")
         cuda_index = int(str(device).partition(":")[2] or 0) if on_gpu else 0
         # a backend on the CPU gets its inputs copied back to the host (the decode still runs on the GPU)
         self.loader = create_loader(loader, self.spec, batch_size=batch_size, workers=workers, max_pixels=max_pixels,

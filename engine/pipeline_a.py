@@ -87,6 +87,8 @@ class EvaXgbClassifier:
 
         if threads is not None:
             torch.set_num_threads(threads)
+        # every CPU backend sizes its own thread pool; GPU backends take no thread count
+        cpu_threads = {"threads": threads} if threads is not None and not str(device).startswith("cuda") else {}
         if artifacts is not None:
             from iws_engine.export.build import load_artifacts, read_manifest
 
@@ -95,7 +97,7 @@ class EvaXgbClassifier:
                 raise ValueError(f"{artifacts}: holds a {manifest.get('model')} artefact, not eva02xgb")
             if weights is not None or xgboost_model is not None or target is not None:
                 raise ValueError("--artifacts names its own weights and XGBoost model: give neither with it")
-            self.backend, self.target, self.manifest = load_artifacts(Path(artifacts), device=device)
+            self.backend, self.target, self.manifest = load_artifacts(Path(artifacts), device=device, **cpu_threads)
         else:
             if precision not in PRECISIONS.get(backend, ("fp32",)):
                 raise ValueError(f"precision {precision!r} is not supported by eva02xgb on {backend}; choose from "
@@ -105,9 +107,7 @@ class EvaXgbClassifier:
             self.target = target or Eva02XgbTarget(weights, xgboost_model, eva_config=eva_config, seed=seed,
                                                    xgboost_device=device)
             self.manifest = None
-            options = {"threads": threads} if threads is not None and backend in ("torch", "inductor",
-                                                                                  "onnxruntime") else {}
-            self.backend = backends.create(backend, precision=precision, device=device, **options)
+            self.backend = backends.create(backend, precision=precision, device=device, **cpu_threads)
             self.backend.load(self.target.source, self.target.input_shape, self.target.output_shape)
         self.xgboost = self.target.xgboost
         self.spec = self.target.spec

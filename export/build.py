@@ -408,11 +408,13 @@ def read_manifest(out_dir: Path) -> dict:
         raise BuildError(f"{out_dir}: no {MANIFEST} ({e.strerror}); run iws-engine build first") from None
 
 
-def load_artifacts(out_dir: Path, device: str = "cpu"):
+def load_artifacts(out_dir: Path, device: str = "cpu", **backend_options):
     """(backend, target, manifest) for a built artefact folder; refuses one that does not fit here.
 
     `target` is the model the manifest names (`SarcnnTarget` or `Eva02XgbTarget`), its files
     checked against the manifest's sha256s; the backend is loaded and ready to infer.
+    `backend_options` go to the backend's constructor (e.g. `threads`: what the build decided is the
+    model; how many cores run it is the caller's choice).
     """
     from iws_engine import backends
     from iws_engine.export.targets import target_from_manifest
@@ -433,6 +435,6 @@ def load_artifacts(out_dir: Path, device: str = "cpu"):
         for name, digest in (manifest.get("artefact_data") or {}).items():
             if sha256_file(out_dir / name) != digest:
                 raise BuildError(f"{out_dir / name}: artefact data changed since the build (sha256 differs)")
-    backend = backends.create(manifest["backend"], precision=manifest["precision"], device=device)
+    backend = backends.create(manifest["backend"], precision=manifest["precision"], device=device, **backend_options)
     backend.load(source if source is not None else target.source, target.input_shape, target.output_shape)
     return backend, target, manifest

@@ -105,6 +105,20 @@ def test_int8_artefact_reused_by_classify_artifacts(int8_classified, iws_weights
     assert json.loads((folder / "manifest.json").read_text())["built_at"] == built_at  # not rebuilt
 
 
+def test_a_cached_artefact_runs_on_the_threads_the_caller_gives(int8_classified, iws_weights, vignettes):
+    """A reprocess worker asks for one thread: the INT8 artefact's session must use one, not every core."""
+    from iws_engine.api import Classifier
+
+    folder = _int8_folder(iws_weights)
+    for threads in (1, 2):
+        with Classifier(artifacts=folder, threads=threads) as clf:
+            opts = clf.backend._session.get_session_options()
+            assert clf.backend.threads == threads and opts.intra_op_num_threads == threads
+    with Classifier(iws_weights, precision="int8", threads=1) as clf:  # the cached artefact, through the cache
+        assert clf.backend._session.get_session_options().intra_op_num_threads == 1
+        assert len(list(clf.classify([vignettes]))) == 8
+
+
 def test_int8_bad_calibration_is_refused_with_its_figures(iws_weights, tmp_path):
     """--calib reaches the quantizer: two flat grey images give ranges far too narrow for real inputs."""
     from iws_engine.export.synth import encode_png
