@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -30,6 +31,13 @@
 
 #include "julia_resize_math.cuh"
 #include "png_filter_math.cuh"
+
+#if defined(__SSE2__)  // every x86-64 CPU
+#include <emmintrin.h>
+#define IWS_ROW_PARALLEL_UNFILTER 1
+#else
+#define IWS_ROW_PARALLEL_UNFILTER 0
+#endif
 
 #if IWS_HAVE_LIBDEFLATE
 #include <libdeflate.h>
@@ -177,10 +185,12 @@ void unfilter_row_t(const uint8_t* src, size_t src_stride, size_t width, const u
     unsigned a[LANES] = {}, c[LANES] = {};
     if (!prev) {  // above the first row everything is 0: Up = None, Average = Sub/2, Paeth = Sub
         for (size_t x = 0; x < width; ++x, src += src_stride, out += LANES)
+#pragma GCC unroll 8
             for (size_t k = 0; k < LANES; ++k) a[k] = out[k] = (uint8_t)iws_unfilter_byte(FILTER, src[k], a[k], 0u, 0u);
         return;
     }
     for (size_t x = 0; x < width; ++x, src += src_stride, out += LANES, prev += LANES) {
+#pragma GCC unroll 8
         for (size_t k = 0; k < LANES; ++k) {
             const unsigned b = prev[k];
             a[k] = out[k] = (uint8_t)iws_unfilter_byte(FILTER, src[k], a[k], b, c[k]);
@@ -226,9 +236,156 @@ long first_bad_filter(const uint8_t* raw, size_t height, size_t row_bytes) {
     return -1;
 }
 
+#if IWS_ROW_PARALLEL_UNFILTER
+// Row-parallel unfilter of 1 or 2 byte lanes (a grey image, or the grey lanes of an R=G=B one), the hot path.
+// Each byte lane of a row is a chain (a pixel needs its left neighbour), so one row at a time is latency-bound.
+// Rows sharing a filter type are processed together as a wavefront: row r of a band runs one pixel behind row
+// r - 1, so at each step every row's up (b) and up-left (c) bytes are what the row above produced in the previous
+// two steps. The 16 int16 lanes of two SSE2 vectors hold the byte lanes of R = 16 / LANES rows (lane r*LANES + k =
+// byte k of row r) and iws_unfilter_byte_t (png_filter_math.cuh) runs on them as on ints.
+using I16x8 = int16_t __attribute__((vector_size(16)));
+
+template <size_t LANES>
+struct RowBand {
+    static constexpr size_t kRows = 16 / LANES;
+    const uint8_t* src;    // filtered bytes of the band's first row (after its filter byte)
+    uint8_t* dst;          // unfiltered output of the band's first row (LANES bytes per pixel)
+    const uint8_t* above;  // the unfiltered row above the band, nullptr above the first row
+    size_t rows, width, src_stride;
+    size_t src_skew;  // src_row_pitch - src_stride: row r's pixel t - r is at src + t * src_stride + r * src_skew
+    size_t dst_skew;  // dst_row_pitch - LANES, likewise for dst
+};
+
+// The 16 filtered bytes of step t (pixel t - r of row r) as int16 lanes; rows outside the image (pixel < 0 or
+// >= width, or r >= rows) give 0. CHECKED = false: every row is inside (the band's steady state).
+template <size_t LANES, bool CHECKED>
+inline void gather_step(const RowBand<LANES>& band, size_t t, __m128i& lo, __m128i& hi) {
+    const uint8_t* p = band.src + t * band.src_stride;
+    auto inside = [&](size_t r) { return !CHECKED || (r < band.rows && t - r < band.width); };  // t - r wraps below 0
+    uint16_t w[8];  // word j: lanes 2j, 2j + 1
+#pragma GCC unroll 8
+    for (size_t j = 0; j < 8; ++j) {
+        if (LANES == 2) {  // row j's two bytes
+            uint16_t v = 0;
+            if (inside(j)) std::memcpy(&v, p + j * band.src_skew, 2);
+            w[j] = v;
+        } else {  // rows 2j and 2j + 1
+            const unsigned v0 = inside(2 * j) ? p[2 * j * band.src_skew] : 0u;
+            const unsigned v1 = inside(2 * j + 1) ? p[(2 * j + 1) * band.src_skew] : 0u;
+            w[j] = (uint16_t)(v0 | v1 << 8);
+        }
+    }
+    const __m128i words = _mm_set_epi16((short)w[7], (short)w[6], (short)w[5], (short)w[4], (short)w[3], (short)w[2],
+                                        (short)w[1], (short)w[0]);
+    const __m128i zero = _mm_setzero_si128();
+    lo = _mm_unpacklo_epi8(words, zero);
+    hi = _mm_unpackhi_epi8(words, zero);
+}
+
+template <size_t LANES, bool CHECKED>
+inline void scatter_step(const RowBand<LANES>& band, size_t t, __m128i lo, __m128i hi) {
+    const __m128i packed = _mm_packus_epi16(lo, hi);  // lane i -> byte i (values are 0..255)
+    const uint64_t half[2] = {(uint64_t)_mm_cvtsi128_si64(packed),
+                              (uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(packed, packed))};
+    uint8_t* p = band.dst + t * LANES;
+#pragma GCC unroll 16
+    for (size_t r = 0; r < RowBand<LANES>::kRows; ++r) {
+        if (CHECKED && !(r < band.rows && t - r < band.width)) continue;
+        const uint64_t bits = half[r * LANES / 8] >> (8 * (r * LANES % 8));
+        if (LANES == 2) {
+            const uint16_t v = (uint16_t)bits;
+            std::memcpy(p + r * band.dst_skew, &v, 2);
+        } else {
+            p[r * band.dst_skew] = (uint8_t)bits;
+        }
+    }
+}
+
+template <unsigned FILTER, size_t LANES>
+void unfilter_band(const RowBand<LANES>& band) {
+    constexpr size_t kRows = RowBand<LANES>::kRows;
+    const __m128i lane_index = _mm_set_epi16(7, 6, 5, 4, 3, 2, 1, 0);
+    __m128i out_lo = _mm_setzero_si128(), out_hi = out_lo;  // the previous step's output: a, and b one row down
+    __m128i b_lo = out_lo, b_hi = out_lo;                   // the previous step's b: c
+    const size_t steps = band.width + band.rows - 1;
+    auto step = [&](size_t t, auto checked) {
+        constexpr bool kChecked = decltype(checked)::value;
+        __m128i x_lo, x_hi;
+        gather_step<LANES, kChecked>(band, t, x_lo, x_hi);
+        unsigned up = 0;  // row 0's b: the row above the band at pixel t
+        if (band.above && (!kChecked || t < band.width)) {
+            up = band.above[t * LANES];
+            if (LANES == 2) up |= (unsigned)band.above[t * LANES + 1] << 16;
+        }
+        const __m128i nb_lo = _mm_or_si128(_mm_slli_si128(out_lo, 2 * LANES), _mm_cvtsi32_si128((int)up));
+        const __m128i nb_hi = _mm_or_si128(_mm_slli_si128(out_hi, 2 * LANES), _mm_srli_si128(out_lo, 16 - 2 * LANES));
+        I16x8 lo = iws_unfilter_byte_t<I16x8>(FILTER, (I16x8)x_lo, (I16x8)out_lo, (I16x8)nb_lo, (I16x8)b_lo);
+        I16x8 hi = iws_unfilter_byte_t<I16x8>(FILTER, (I16x8)x_hi, (I16x8)out_hi, (I16x8)nb_hi, (I16x8)b_hi);
+        out_lo = (__m128i)lo;
+        out_hi = (__m128i)hi;
+        if (kChecked && t + 1 < kRows) {  // rows that have not started yet stay 0 (their left and up-left bytes)
+            const __m128i started = _mm_set1_epi16((short)((t + 1) * LANES));
+            out_lo = _mm_and_si128(out_lo, _mm_cmplt_epi16(lane_index, started));
+            out_hi = _mm_and_si128(out_hi, _mm_cmplt_epi16(_mm_add_epi16(lane_index, _mm_set1_epi16(8)), started));
+        }
+        b_lo = nb_lo;
+        b_hi = nb_hi;
+        scatter_step<LANES, kChecked>(band, t, out_lo, out_hi);
+    };
+    size_t t = 0;
+    if (band.rows == kRows && band.width >= kRows) {
+        for (; t < kRows - 1; ++t) step(t, std::true_type{});
+        for (; t < band.width; ++t) step(t, std::false_type{});
+    }
+    for (; t < steps; ++t) step(t, std::true_type{});
+}
+
+template <size_t LANES>
+void unfilter_band_dispatch(unsigned filter, const RowBand<LANES>& band) {
+    switch (filter) {
+        case IWS_FILTER_NONE: unfilter_band<IWS_FILTER_NONE, LANES>(band); return;
+        case IWS_FILTER_SUB: unfilter_band<IWS_FILTER_SUB, LANES>(band); return;
+        case IWS_FILTER_UP: unfilter_band<IWS_FILTER_UP, LANES>(band); return;
+        case IWS_FILTER_AVERAGE: unfilter_band<IWS_FILTER_AVERAGE, LANES>(band); return;
+        default: unfilter_band<IWS_FILTER_PAETH, LANES>(band); return;
+    }
+}
+
+// unfilter_image for 1 or 2 lanes: bands of up to 16 / LANES consecutive rows with one filter type.
+template <size_t LANES>
+void unfilter_image_banded(const uint8_t* raw, size_t height, size_t row_bytes, size_t stride, uint8_t* pixels) {
+    RowBand<LANES> band;
+    band.width = row_bytes / stride;
+    band.src_stride = stride;
+    const size_t pitch = band.width * LANES;
+    band.src_skew = row_bytes + 1 - stride;
+    band.dst_skew = pitch - LANES;
+    for (size_t y = 0; y < height;) {
+        const unsigned filter = raw[y * (row_bytes + 1)];
+        size_t n = 1;
+        while (n < RowBand<LANES>::kRows && y + n < height && raw[(y + n) * (row_bytes + 1)] == filter) ++n;
+        const uint8_t* prev = y ? pixels + (y - 1) * pitch : nullptr;
+        if (n == 1) {  // a lone row: the plain row loop
+            unfilter_row(filter, raw + y * (row_bytes + 1) + 1, stride, LANES, band.width, prev, pixels + y * pitch);
+        } else {
+            band.src = raw + y * (row_bytes + 1) + 1;
+            band.dst = pixels + y * pitch;
+            band.above = prev;
+            band.rows = n;
+            unfilter_band_dispatch<LANES>(filter, band);
+        }
+        y += n;
+    }
+}
+#endif
+
 // All rows: filtered `raw` (filter byte + row_bytes per row) -> `pixels`, `lanes` of every `stride` bytes kept.
 void unfilter_image(const uint8_t* raw, size_t height, size_t row_bytes, size_t stride, size_t lanes,
                     uint8_t* pixels) {
+#if IWS_ROW_PARALLEL_UNFILTER
+    if (lanes == 1) return unfilter_image_banded<1>(raw, height, row_bytes, stride, pixels);
+    if (lanes == 2) return unfilter_image_banded<2>(raw, height, row_bytes, stride, pixels);
+#endif
     const size_t width = row_bytes / stride;
     const size_t pitch = width * lanes;
     for (size_t y = 0; y < height; ++y) {
@@ -360,7 +517,8 @@ std::tuple<int, long, long> decode_preprocess(Bytes data, bool is_raw, uint32_t 
     const uint8_t* raw = in;
     if (!is_raw) {
         uint8_t* buf = st.raw.get(raw_size);
-        if (!inflate_exact(st, in, in_size, buf, raw_size) || adler32_of(buf, raw_size) != adler32)
+        if (!inflate_exact(st, in, in_size, buf, raw_size)) return {kInflateFailed, 0, 0};
+        if (adler32_of(buf, raw_size) != adler32)
             return {kInflateFailed, 0, 0};
         raw = buf;
     }
