@@ -6,8 +6,9 @@ grey lane when the filtered R, G and B lanes are identical (else every byte), an
 normalise straight into the caller's float32 plane, bit for bit as engine/preprocess.py's NumPy reference. Other
 files (interlaced, palette, sub-byte, gamma) take the general decoder (engine/loaders/png.py).
 
-Parsing and validation stay in png.parse_png (its chunk CRCs use the native crc32 when built); when the native
-inflate refuses a stream, png's zlib inflate names the precise reason, so error messages are the same either way.
+Parsing and validation stay in png.parse_png (when built, the core's scan_chunks walks the chunks, checks their
+framing and CRCs and joins the IDAT bodies; the rules and messages stay in Python); when the native inflate refuses
+a stream, png's zlib inflate names the precise reason, so error messages are the same either way.
 """
 
 from __future__ import annotations
