@@ -304,7 +304,7 @@ inline void scatter_step(const RowBand<LANES>& band, size_t t, __m128i lo, __m12
 template <unsigned FILTER, size_t LANES>
 void unfilter_band(const RowBand<LANES>& band) {
     constexpr size_t kRows = RowBand<LANES>::kRows;
-    const __m128i lane_index = _mm_set_epi16(7, 6, 5, 4, 3, 2, 1, 0);
+    // Rows that have not started (step t < r) stay 0: their inputs are all 0, and so is every predictor of zeros.
     __m128i out_lo = _mm_setzero_si128(), out_hi = out_lo;  // the previous step's output: a, and b one row down
     __m128i b_lo = out_lo, b_hi = out_lo;                   // the previous step's b: c
     const size_t steps = band.width + band.rows - 1;
@@ -323,11 +323,6 @@ void unfilter_band(const RowBand<LANES>& band) {
         I16x8 hi = iws_unfilter_byte_t<I16x8>(FILTER, (I16x8)x_hi, (I16x8)out_hi, (I16x8)nb_hi, (I16x8)b_hi);
         out_lo = (__m128i)lo;
         out_hi = (__m128i)hi;
-        if (kChecked && t + 1 < kRows) {  // rows that have not started yet stay 0 (their left and up-left bytes)
-            const __m128i started = _mm_set1_epi16((short)((t + 1) * LANES));
-            out_lo = _mm_and_si128(out_lo, _mm_cmplt_epi16(lane_index, started));
-            out_hi = _mm_and_si128(out_hi, _mm_cmplt_epi16(_mm_add_epi16(lane_index, _mm_set1_epi16(8)), started));
-        }
         b_lo = nb_lo;
         b_hi = nb_hi;
         scatter_step<LANES, kChecked>(band, t, out_lo, out_hi);

@@ -19,7 +19,7 @@ from iws_engine.loaders.png import PngError, decode_png, parse_png
 from iws_engine.preprocess import PreprocessSpec, iws_sarcnn_spec, preprocess_reference
 from tests.conftest import PNGSUITE
 from tests.pngtools import chunk, iter_chunks
-from tests.test_png import VALID_FOLDERS, encode_png, random_pixels
+from tests.test_png import VALID_FOLDERS, encode_png, filter_image, random_pixels
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="the native decode core is not built (pip install -e . builds it with CMake)")
@@ -83,6 +83,37 @@ def test_grey_colour_images_take_the_grey_lane_path(color_type: int, bit_depth: 
     forced, forced_path = native_input(data, spec, force_full=True)
     assert forced_path == native.FULL
     assert_bits_equal(forced, expected)
+
+
+def filter_runs(rng: np.random.Generator, height: int) -> list[int]:
+    """Row filter types in runs of 1 to 20 rows: the core unfilters runs of rows sharing a type together."""
+    types: list[int] = []
+    while len(types) < height:
+        types += [int(rng.integers(0, 5))] * int(rng.integers(1, 21))
+    return types[:height]
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+@pytest.mark.parametrize("width", [1, 3, 8, 9, 16, 17, 45])
+def test_unfilter_of_row_runs_equals_the_pixels(bit_depth: int, width: int) -> None:
+    """Grey rows in runs of one filter type (the row-parallel path), bands narrower and wider than their rows."""
+    from iws_engine.kernels import _cpu_decode as core
+
+    rng = np.random.default_rng([bit_depth, width])
+    height = 67
+    pixels = random_pixels(rng, height, width, 0, bit_depth)
+    raw = filter_image(pixels, bit_depth, filters=filter_runs(rng, height))
+    stride = bit_depth // 8
+    out = np.zeros(height * width * stride, np.uint8)
+    assert core.unfilter(np.frombuffer(raw, np.uint8), height, width * stride, stride, out)[0] == core.STATUS_FULL
+    expected = pixels.astype(">u2" if bit_depth == 16 else np.uint8).tobytes()
+    assert out.tobytes() == expected
+    rgba = np.concatenate([pixels] * 3 + [random_pixels(rng, height, width, 0, bit_depth)], 2)  # R=G=B, any alpha
+    data = encode_png(rgba, 6, bit_depth, raw=filter_image(rgba, bit_depth, filters=filter_runs(rng, height)))
+    spec = PreprocessSpec(mean=0.5, std=0.25, size=(31, 7))
+    actual, path = native_input(data, spec)
+    assert path == native.GREY_LANES
+    assert_bits_equal(actual, preprocess_reference(rgba, spec))
 
 
 # --- synthetic IWS vignettes of every format and row filter ------------------------------------------------------
@@ -199,6 +230,50 @@ def test_bad_files_give_the_same_error_either_way(kind: str) -> None:
     assert messages[0].startswith("bad.png: ")
     if kind == "bad-filter-type":
         assert messages[0] == "bad.png: invalid filter type 7 on row 5"
+
+
+def _parse_outcome(data: bytes, verify_crc: bool):
+    try:
+        i = parse_png(data, path="f.png", verify_crc=verify_crc)
+    except PngError as e:
+        return str(e)
+    return (i.width, i.height, i.bit_depth, i.color_type, i.interlace, i.idat, i.adler32, i.trns, i.gamma_fixed,
+            i.srgb, i.sbit, None if i.palette is None else i.palette.tobytes())
+
+
+def test_native_chunk_walk_gives_the_python_walks_results_and_messages(monkeypatch) -> None:
+    """png.parse_png with the core's scan_chunks vs without it, on PngSuite (crashers included) and on files cut,
+    flipped, shortened and lengthened at random: the same PngInfo or the same message, CRCs checked or not."""
+    from iws_engine.loaders import png
+
+    assert png._native_scan_chunks is not None
+    rng = np.random.default_rng(5)
+    files = [p.read_bytes() for p in sorted(PNGSUITE.rglob("*.png"))]
+    assert len(files) > 150
+    cases = []
+    for data in files[::3]:
+        cases.append(data)
+        for kind in range(4):
+            m = bytearray(data)
+            k = int(rng.integers(8, len(m)))
+            if kind == 0:
+                m = m[:k]
+            elif kind == 1:
+                m[k] = (m[k] + 1 + int(rng.integers(255))) % 256
+            elif kind == 2:
+                del m[k : k + int(rng.integers(1, 20))]
+            else:
+                m[k:k] = rng.integers(0, 256, int(rng.integers(1, 13)), dtype=np.uint8).tobytes()
+            cases.append(bytes(m))
+    failures = 0
+    for data in cases:
+        for verify_crc in (True, False):
+            with_native = _parse_outcome(data, verify_crc)
+            monkeypatch.setattr(png, "_native_scan_chunks", None)
+            assert _parse_outcome(data, verify_crc) == with_native
+            monkeypatch.undo()
+            failures += isinstance(with_native, str)
+    assert failures > len(cases) // 2  # most mutations are caught, by many different checks
 
 
 def test_malformed_pngsuite_files_give_the_same_error_either_way() -> None:
