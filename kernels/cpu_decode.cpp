@@ -16,6 +16,7 @@
 // memory is touched; a stream that does not inflate to exactly the expected size with a matching Adler-32 is
 // reported, not decoded, and the Python side then names the precise reason with zlib.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -74,10 +75,81 @@ struct Buffer {
     }
 };
 
+// The output element types of decode_preprocess: the float32 model input, or it rounded to nearest-even as
+// float16 (NumPy's astype(np.float16)) or bfloat16 (torch's .to(torch.bfloat16)), for backends that take those.
+enum OutFormat : int { kFloat32 = 0, kFloat16 = 1, kBfloat16 = 2 };
+
+inline uint32_t float_bits(float v) {
+    uint32_t f;
+    std::memcpy(&f, &v, 4);
+    return f;
+}
+
+// float32 -> IEEE binary16 bits, round half to even; overflow -> inf, NaN stays NaN (NumPy's
+// npy_floatbits_to_halfbits, step for step).
+inline uint16_t float16_bits(float v) {
+    const uint32_t f = float_bits(v);
+    const uint16_t sign = (uint16_t)((f & 0x80000000u) >> 16);
+    uint32_t f_exp = f & 0x7f800000u, f_sig = f & 0x007fffffu;
+    if (f_exp >= 0x47800000u) {  // overflow, inf or NaN
+        if (f_exp == 0x7f800000u && f_sig != 0) {
+            uint16_t nan = (uint16_t)(0x7c00u + (f_sig >> 13));
+            return (uint16_t)(sign + (nan == 0x7c00u ? nan + 1 : nan));
+        }
+        return (uint16_t)(sign + 0x7c00u);
+    }
+    if (f_exp <= 0x38000000u) {  // a subnormal half or a signed zero
+        if (f_exp < 0x33000000u) return sign;
+        f_exp >>= 23;
+        f_sig = 0x00800000u + f_sig;
+        f_sig >>= (113 - f_exp);
+        if ((f_sig & 0x00003fffu) != 0x00001000u || (f & 0x000007ffu)) f_sig += 0x00001000u;
+        return (uint16_t)(sign + (uint16_t)(f_sig >> 13));
+    }
+    const uint16_t h_exp = (uint16_t)((f_exp - 0x38000000u) >> 13);
+    if ((f_sig & 0x00003fffu) != 0x00001000u) f_sig += 0x00001000u;
+    return (uint16_t)(sign + (uint16_t)(h_exp + (uint16_t)(f_sig >> 13)));  // a carry may reach inf: correct
+}
+
+// float32 -> bfloat16 bits, round half to even; NaN -> 0x7fc0 (c10::BFloat16's round_to_nearest_even).
+inline uint16_t bfloat16_bits(float v) {
+    if (v != v) return 0x7fc0u;
+    const uint32_t f = float_bits(v);
+    return (uint16_t)((f + (((f >> 16) & 1u) + 0x7fffu)) >> 16);
+}
+
+// iws_code_to_unit of every code 0..peak (it is the same division whatever the image: a table computed once
+// replaces a division per tap, the resize's largest cost).
+const double* unit_table(unsigned peak_code) {
+    static const std::vector<double> tables[2] = {
+        [] { std::vector<double> t(256); for (unsigned c = 0; c < 256; ++c) t[c] = iws_code_to_unit(c, 255.0); return t; }(),
+        [] { std::vector<double> t(65536); for (unsigned c = 0; c < 65536; ++c) t[c] = iws_code_to_unit(c, 65535.0); return t; }(),
+    };
+    return tables[peak_code == 255u ? 0 : 1].data();
+}
+
+// iws_normalise of every grey code for one (peak, mean, std), kept per thread: a batch shares its spec.
+struct NormaliseTable {
+    unsigned peak_code = 0;
+    uint32_t mean_bits = 0, std_bits = 0;
+    std::vector<float> values;
+    const float* get(unsigned peak, float mean, float std_dev) {
+        if (values.empty() || peak != peak_code || float_bits(mean) != mean_bits || float_bits(std_dev) != std_bits) {
+            values.resize((size_t)peak + 1);
+            for (unsigned g = 0; g <= peak; ++g) values[g] = iws_normalise(g, peak, mean, std_dev);
+            peak_code = peak;
+            mean_bits = float_bits(mean);
+            std_bits = float_bits(std_dev);
+        }
+        return values.data();
+    }
+};
+
 struct ThreadState {
     Buffer raw;       // inflated scanlines (filter bytes included)
     Buffer pixels;    // unfiltered samples
     Buffer rows;      // two horizontally resized rows (doubles)
+    NormaliseTable normalise;
 #if IWS_HAVE_LIBDEFLATE
     libdeflate_decompressor* inflater = nullptr;
     ~ThreadState() {
@@ -394,7 +466,7 @@ inline unsigned sample_at(const uint8_t* p, size_t sb) { return sb == 2 ? (unsig
 
 using I64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using F64Array = nb::ndarray<const double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-using F32Plane = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using OutPlane = nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using Bytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using BytesOut = nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
@@ -413,13 +485,15 @@ bool taps_valid(const Taps& t, size_t n_in) {
 }
 
 // Julia imresize (+ Gray + normalise) of unfiltered samples: `channels` colour channels (1 or 3) at byte offsets
-// k * sb within pixels of `pixel_bytes`, rows `pitch` bytes apart.
+// k * sb within pixels of `pixel_bytes`, rows `pitch` bytes apart; out(i, v) stores output element i.
+template <typename Store>
 void resize_grey_normalise(const uint8_t* pixels, size_t h_in, size_t w_in, size_t pitch, size_t pixel_bytes,
-                           size_t sb, size_t channels, const Taps& cols, const Taps& rows, float mean, float std_dev,
-                           Buffer& scratch, float* out) {
+                           size_t sb, size_t channels, const Taps& cols, const Taps& rows, const float* normalised,
+                           Buffer& scratch, Store out) {
     const size_t h_out = rows.n, w_out = cols.n;
     const unsigned peak_code = sb == 2 ? 65535u : 255u;
     const double peak = (double)peak_code;
+    const double* unit = unit_table(peak_code);
     const float luma_scale = 0.001f;  // preprocess._LUMA_SCALE
     auto grey_of = [&](const unsigned* codes) {
         return channels == 1 ? codes[0] : iws_luma_grey(codes[0], codes[1], codes[2], luma_scale);
@@ -430,7 +504,7 @@ void resize_grey_normalise(const uint8_t* pixels, size_t h_in, size_t w_in, size
                 unsigned codes[3];
                 for (size_t c = 0; c < channels; ++c)
                     codes[c] = sample_at(pixels + y * pitch + x * pixel_bytes + c * sb, sb);
-                out[y * w_out + x] = iws_normalise(grey_of(codes), peak_code, mean, std_dev);
+                out(y * w_out + x, normalised[std::min(grey_of(codes), peak_code)]);
             }
         return;
     }
@@ -447,12 +521,21 @@ void resize_grey_normalise(const uint8_t* pixels, size_t h_in, size_t w_in, size
         const int victim = held[0] == keep ? 1 : held[1] == keep ? 0 : (held[0] < held[1] ? 0 : 1);
         double* dst = slot[victim];
         const uint8_t* src = pixels + (size_t)y * pitch;
-        for (size_t x = 0; x < w_out; ++x) {
-            const uint8_t* p0 = src + (size_t)cols.i0[x] * pixel_bytes;
-            const uint8_t* p1 = src + (size_t)cols.i1[x] * pixel_bytes;
-            for (size_t c = 0; c < channels; ++c)
-                dst[x * channels + c] = iws_two_tap(cols.w0[x], iws_code_to_unit(sample_at(p0 + c * sb, sb), peak),
-                                                    cols.w1[x], iws_code_to_unit(sample_at(p1 + c * sb, sb), peak));
+        if (channels == 1 && sb == 2) {  // the hot case (grey lanes of 16-bit images), its loads specialised
+            for (size_t x = 0; x < w_out; ++x) {
+                const uint8_t* p0 = src + (size_t)cols.i0[x] * pixel_bytes;
+                const uint8_t* p1 = src + (size_t)cols.i1[x] * pixel_bytes;
+                dst[x] = iws_two_tap(cols.w0[x], unit[(unsigned)p0[0] << 8 | p0[1]], cols.w1[x],
+                                     unit[(unsigned)p1[0] << 8 | p1[1]]);
+            }
+        } else {
+            for (size_t x = 0; x < w_out; ++x) {
+                const uint8_t* p0 = src + (size_t)cols.i0[x] * pixel_bytes;
+                const uint8_t* p1 = src + (size_t)cols.i1[x] * pixel_bytes;
+                for (size_t c = 0; c < channels; ++c)
+                    dst[x * channels + c] = iws_two_tap(cols.w0[x], unit[sample_at(p0 + c * sb, sb)], cols.w1[x],
+                                                        unit[sample_at(p1 + c * sb, sb)]);
+            }
         }
         held[victim] = y;
         return dst;
@@ -462,12 +545,17 @@ void resize_grey_normalise(const uint8_t* pixels, size_t h_in, size_t w_in, size
         const double* top = horizontal(y0, y1);
         const double* bottom = horizontal(y1, y0);
         const double rw0 = rows.w0[y], rw1 = rows.w1[y];
-        float* dst = out + y * w_out;
+        const size_t row = y * w_out;
+        if (channels == 1) {
+            for (size_t x = 0; x < w_out; ++x)
+                out(row + x, normalised[std::min(iws_unit_to_code(iws_two_tap(rw0, top[x], rw1, bottom[x]), peak), peak_code)]);
+            continue;
+        }
         for (size_t x = 0; x < w_out; ++x) {
             unsigned codes[3];
             for (size_t c = 0; c < channels; ++c)
                 codes[c] = iws_unit_to_code(iws_two_tap(rw0, top[x * channels + c], rw1, bottom[x * channels + c]), peak);
-            dst[x] = iws_normalise(grey_of(codes), peak_code, mean, std_dev);
+            out(row + x, normalised[std::min(grey_of(codes), peak_code)]);
         }
     }
 }
@@ -478,7 +566,7 @@ std::tuple<int, long, long> decode_preprocess(Bytes data, bool is_raw, uint32_t 
                                               int bit_depth, int color_type, I64Array col_i0, I64Array col_i1,
                                               F64Array col_w0, F64Array col_w1, I64Array row_i0, I64Array row_i1,
                                               F64Array row_w0, F64Array row_w1, float mean, float std_dev,
-                                              F32Plane out, bool force_full) {
+                                              OutPlane out, bool force_full, int out_format) {
     size_t channels_stored;
     switch (color_type) {
         case kGrey: channels_stored = 1; break;
@@ -497,6 +585,10 @@ std::tuple<int, long, long> decode_preprocess(Bytes data, bool is_raw, uint32_t 
         out.shape(0) != rows.n || out.shape(1) != cols.n || rows.n == 0 || cols.n == 0 || !taps_valid(cols, width) ||
         !taps_valid(rows, height))
         return {kBadShape, 0, 0};
+    const bool out_ok = out_format == kFloat32   ? out.dtype() == nb::dtype<float>()
+                        : out_format == kFloat16 ? out.dtype() == nb::dlpack::dtype{(uint8_t)nb::dlpack::dtype_code::Float, 16, 1}
+                        : out_format == kBfloat16 && out.dtype() == nb::dtype<uint16_t>();
+    if (!out_ok) return {kBadShape, 0, 0};
     const size_t sb = (size_t)bit_depth / 8;
     const size_t bpp = channels_stored * sb;
     const size_t row_bytes = width * bpp;
@@ -506,7 +598,7 @@ std::tuple<int, long, long> decode_preprocess(Bytes data, bool is_raw, uint32_t 
 
     const uint8_t* in = data.data();
     const size_t in_size = data.shape(0);
-    float* dst = out.data();
+    void* dst = out.data();
     nb::gil_scoped_release unlocked;
     ThreadState& st = thread_state();
     const uint8_t* raw = in;
@@ -526,8 +618,17 @@ std::tuple<int, long, long> decode_preprocess(Bytes data, bool is_raw, uint32_t 
     const size_t lanes = lanes_only ? sb : bpp;
     uint8_t* pixels = st.pixels.get(height * width * lanes);
     unfilter_image(raw, height, row_bytes, bpp, lanes, pixels);
-    resize_grey_normalise(pixels, height, width, width * lanes, lanes, sb, lanes_only ? 1 : 3, cols, rows, mean,
-                          std_dev, st.rows, dst);
+    const float* normalised = st.normalise.get(sb == 2 ? 65535u : 255u, mean, std_dev);
+    auto resize = [&](auto store) {
+        resize_grey_normalise(pixels, height, width, width * lanes, lanes, sb, lanes_only ? 1 : 3, cols, rows,
+                              normalised, st.rows, store);
+    };
+    if (out_format == kFloat32)
+        resize([dst = static_cast<float*>(dst)](size_t i, float v) { dst[i] = v; });
+    else if (out_format == kFloat16)
+        resize([dst = static_cast<uint16_t*>(dst)](size_t i, float v) { dst[i] = float16_bits(v); });
+    else
+        resize([dst = static_cast<uint16_t*>(dst)](size_t i, float v) { dst[i] = bfloat16_bits(v); });
     return {lanes_only ? kGreyLanes : kFull, 0, 0};
 }
 
@@ -635,6 +736,22 @@ nb::tuple scan_chunks(Bytes data, size_t pos, bool verify_crc) {
     return nb::make_tuple(out, stop);
 }
 
+// float32 values -> float16 or bfloat16 bits (the rounding decode_preprocess applies), for the inputs that take
+// the general decoder and NumPy's reference preprocessing. False for mismatched arguments.
+bool round_float32(nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> values,
+                   nb::ndarray<uint16_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> out, int out_format) {
+    const size_t n = values.shape(0);
+    if (out.shape(0) != n || (out_format != kFloat16 && out_format != kBfloat16)) return false;
+    const float* src = values.data();
+    uint16_t* dst = out.data();
+    nb::gil_scoped_release unlocked;
+    if (out_format == kFloat16)
+        for (size_t i = 0; i < n; ++i) dst[i] = float16_bits(src[i]);
+    else
+        for (size_t i = 0; i < n; ++i) dst[i] = bfloat16_bits(src[i]);
+    return true;
+}
+
 uint32_t crc32(Bytes data, uint32_t value) {
     const uint8_t* p = data.data();
     const size_t n = data.shape(0);
@@ -647,6 +764,9 @@ uint32_t crc32(Bytes data, uint32_t value) {
 NB_MODULE(_cpu_decode, m) {
     m.doc() = "Native CPU PNG decode core for the IWS preprocessing spec (see kernels/cpu_decode.cpp).";
     m.attr("INFLATER") = IWS_HAVE_LIBDEFLATE ? "libdeflate" : "zlib";
+    m.attr("OUT_FLOAT32") = (int)kFloat32;
+    m.attr("OUT_FLOAT16") = (int)kFloat16;
+    m.attr("OUT_BFLOAT16") = (int)kBfloat16;
     m.attr("STATUS_GREY_LANES") = (int)kGreyLanes;
     m.attr("STATUS_FULL") = (int)kFull;
     m.attr("STATUS_INFLATE_FAILED") = (int)kInflateFailed;
@@ -656,10 +776,11 @@ NB_MODULE(_cpu_decode, m) {
           nb::arg("width"), nb::arg("height"), nb::arg("bit_depth"), nb::arg("color_type"), nb::arg("col_i0"),
           nb::arg("col_i1"), nb::arg("col_w0"), nb::arg("col_w1"), nb::arg("row_i0"), nb::arg("row_i1"),
           nb::arg("row_w0"), nb::arg("row_w1"), nb::arg("mean"), nb::arg("std"), nb::arg("out"),
-          nb::arg("force_full") = false);
+          nb::arg("force_full") = false, nb::arg("out_format") = (int)kFloat32);
     m.def("unfilter", &unfilter, nb::arg("raw"), nb::arg("height"), nb::arg("row_bytes"), nb::arg("stride"),
           nb::arg("out"));
     m.def("inflate_into", &inflate_into, nb::arg("data"), nb::arg("adler32"), nb::arg("out"));
     m.def("scan_chunks", &scan_chunks, nb::arg("data"), nb::arg("pos"), nb::arg("verify_crc"));
+    m.def("round_float32", &round_float32, nb::arg("values"), nb::arg("out"), nb::arg("out_format"));
     m.def("crc32", &crc32, nb::arg("data"), nb::arg("value") = 0);
 }

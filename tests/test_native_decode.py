@@ -116,6 +116,72 @@ def test_unfilter_of_row_runs_equals_the_pixels(bit_depth: int, width: int) -> N
     assert_bits_equal(actual, preprocess_reference(rgba, spec))
 
 
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    torch = pytest.importorskip("torch", reason="torch is the bfloat16 reference (.to(torch.bfloat16))")
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("std", [0.2251, 5e-6, 3e4, 1e38],
+                         ids=["iws", "float16-overflow", "float16-subnormal", "bfloat16-subnormal"])
+@pytest.mark.parametrize("color_type, grey", [(6, True), (2, False), (0, True)], ids=["rgba-grey", "rgb", "grey"])
+def test_float16_and_bfloat16_outputs_are_the_float32_input_rounded(std: float, color_type: int, grey: bool) -> None:
+    """out as float16 / bfloat16 (uint16 bits): NumPy's astype(np.float16) and torch's .to(torch.bfloat16) of the
+    float32 model input, bit for bit, through both paths, at scales that overflow or go subnormal."""
+    rng = np.random.default_rng([color_type, int(std * 1e4) % 1000])
+    base = random_pixels(rng, 83, 97, 0, 16)
+    if color_type == 0:
+        pixels = base
+    else:
+        colour = [base] * 3 if grey else [base, random_pixels(rng, 83, 97, 4, 16)]  # 1 + 2 channels
+        pixels = np.concatenate(colour + ([random_pixels(rng, 83, 97, 0, 16)] if color_type == 6 else []), 2)
+    data = make_png(pixels, color_type, 16)
+    spec = PreprocessSpec(mean=0.4137, std=std, size=(64, 40))
+    info = parse_png(data)
+    expected32 = np.empty(spec.size, np.float32)
+    path = native.decode_preprocess(info, spec, expected32)
+    assert path == (native.GREY_LANES if grey else native.FULL)
+    assert_bits_equal(expected32, reference_input(data, spec))
+    half = np.full(spec.size, np.nan, np.float16)
+    assert native.decode_preprocess(info, spec, half) == path
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(half.view(np.uint16), expected32.astype(np.float16).view(np.uint16))
+    brain = np.zeros(spec.size, np.uint16)
+    assert native.decode_preprocess(info, spec, brain) == path
+    np.testing.assert_array_equal(brain, _bfloat16_bits(expected32))
+    if std == 5e-6:
+        assert np.isinf(half).any() and np.isfinite(half).any()
+    if std == 3e4:
+        assert ((np.abs(half) < np.finfo(np.float16).tiny) & (half != 0)).any()
+    if std == 1e38:
+        assert ((np.abs(expected32) < np.finfo(np.float32).tiny) & (brain & 0x7fff != 0)).any()
+    with pytest.raises(TypeError, match="float64"):
+        native.decode_preprocess(info, spec, np.empty(spec.size, np.float64))
+
+
+def test_rounding_to_float16_and_bfloat16_equals_numpy_and_torch() -> None:
+    """The core's rounding (native.round_float32, the one decode_preprocess applies) on random float32 bit patterns
+    of every class and on exact ties, normal and subnormal: NumPy's float16 and torch's bfloat16, bit for bit
+    (NaNs: a NaN either way)."""
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32)
+    exponents = rng.integers(0, 256, 20_000, dtype=np.uint32) << 23
+    mantissas = rng.integers(0, 2**23, 20_000, dtype=np.uint32)
+    ties = np.concatenate([exponents | (mantissas & ~np.uint32(0x1FFF)) | 0x1000,  # float16 ties (normal range)
+                           exponents | (mantissas & ~np.uint32(0xFFFF)) | 0x8000,  # bfloat16 ties
+                           np.arange(0x33000000, 0x38800000, 0x800, dtype=np.uint32),  # float16 subnormals
+                           np.uint32([0, 0x80000000, 0x7F800000, 0xFF800000, 0x477FEFFF, 0x477FF000, 0x7F7FFFFF])])
+    values = np.concatenate([bits, ties, ties | 0x80000000]).view(np.float32)
+    nan = np.isnan(values)
+    half = native.round_float32(values, np.empty(values.shape, np.float16))
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    np.testing.assert_array_equal(np.isnan(half), nan)
+    np.testing.assert_array_equal(half.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+    brain = native.round_float32(values, np.empty(values.shape, np.uint16))
+    np.testing.assert_array_equal(brain[~nan], _bfloat16_bits(values)[~nan])
+    assert ((brain[nan] & 0x7F80) == 0x7F80).all() and (brain[nan] & 0x7F).all()
+
+
 # --- synthetic IWS vignettes of every format and row filter ------------------------------------------------------
 
 
