@@ -394,6 +394,32 @@ def test_cpu_loader_batches_and_scores_equal_the_reference(vignette_field) -> No
         assert_bits_equal(a.inputs, b.inputs)
 
 
+@pytest.mark.parametrize("input_dtype", ["float16", "bfloat16"])
+def test_cpu_loader_writes_float16_and_bfloat16_batches(vignette_field, input_dtype: str) -> None:
+    """CpuLoader(input_dtype=...): the float32 batches rounded, native or not (an interlaced file takes the general
+    decoder either way), with the same error rows."""
+    torch = pytest.importorskip("torch", reason="bfloat16 batches are torch tensors")
+    from iws_engine.export.synth import encode_png as encode_vignette
+
+    rng = np.random.default_rng(3)
+    blobs = [encode_vignette(vignette_field, "rgba16"), b"not a png", encode_vignette(vignette_field, "gray8"),
+             encode_png(random_pixels(rng, 40, 30, 2, 16), 2, 16, interlace=1)]
+    (full,) = CpuLoader(SPEC, batch_size=4).batches(blobs)
+    for use_native in (True, False):
+        loader = CpuLoader(SPEC, batch_size=4, native=use_native, input_dtype=input_dtype)
+        assert loader.input_dtype == input_dtype
+        (batch,) = loader.batches(blobs)
+        assert batch.ok == full.ok == [0, 2, 3] and batch.errors == full.errors
+        if input_dtype == "float16":
+            assert batch.inputs.dtype == np.float16
+            np.testing.assert_array_equal(batch.inputs.view(np.uint16), full.inputs.astype(np.float16).view(np.uint16))
+        else:
+            assert batch.inputs.dtype == torch.bfloat16
+            assert torch.equal(batch.inputs, torch.from_numpy(full.inputs).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="input_dtype"):
+        CpuLoader(SPEC, input_dtype="float64")
+
+
 def test_the_gil_is_released_while_decoding() -> None:
     """Decode threads scale across cores only if the core runs without the GIL: while one thread is inside a long
     native decode, another keeps running Python code."""
