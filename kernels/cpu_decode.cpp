@@ -1,7 +1,12 @@
 // The CPU decode core (Python module iws_engine.kernels._cpu_decode, wrapped by engine/loaders/native.py):
 // inflate -> filter check -> grey detection -> unfilter -> Julia imresize + Gray + normalise, for non-interlaced
-// 8/16-bit PNGs, writing the model input straight into the caller's float32 plane. The GIL is released while it
-// works, so the CPU loader's decode threads run on every core.
+// 8/16-bit PNGs, writing the model input straight into the caller's plane (float32, or it rounded to float16 or
+// bfloat16 for backends that take those). Also the chunk walk of parse_png (scan_chunks: framing, CRC-32, the IDAT
+// bodies joined). The GIL is released while it works, so the CPU loader's decode threads run on every core.
+//
+// Unfiltering one row is a chain per byte lane (each byte needs its left neighbour): one row at a time is
+// latency-bound. Rows sharing a filter type are unfiltered together as a wavefront (unfilter_band: each row one
+// pixel behind the row above), 8 or 16 rows' chains in the int16 lanes of SSE2 vectors.
 //
 // One source for the arithmetic: the per-byte filter reconstruction is kernels/png_filter_math.cuh and the
 // per-pixel resize/grey/normalise arithmetic kernels/julia_resize_math.cuh, the same headers the CUDA kernels
