@@ -38,7 +38,7 @@
 #include "julia_resize_math.cuh"
 #include "png_filter_math.cuh"
 
-#if defined(__SSE2__)  // every x86-64 CPU
+#if defined(__SSE2__) && defined(__x86_64__)  // every x86-64 CPU
 #include <emmintrin.h>
 #define IWS_ROW_PARALLEL_UNFILTER 1
 #else
@@ -314,12 +314,14 @@ long first_bad_filter(const uint8_t* raw, size_t height, size_t row_bytes) {
 }
 
 #if IWS_ROW_PARALLEL_UNFILTER
-// Row-parallel unfilter of 1 or 2 byte lanes (a grey image, or the grey lanes of an R=G=B one), the hot path.
+// Row-parallel unfilter of the pixels' LANES bytes (1 to 8; 1 or 2 are the hot path: a grey image, or the grey
+// lanes of an R=G=B one).
 // Each byte lane of a row is a chain (a pixel needs its left neighbour), so one row at a time is latency-bound.
 // Rows sharing a filter type are processed together as a wavefront: row r of a band runs one pixel behind row
 // r - 1, so at each step every row's up (b) and up-left (c) bytes are what the row above produced in the previous
 // two steps. The 16 int16 lanes of two SSE2 vectors hold the byte lanes of R = 16 / LANES rows (lane r*LANES + k =
-// byte k of row r) and iws_unfilter_byte_t (png_filter_math.cuh) runs on them as on ints.
+// byte k of row r; 16 / 3 and 16 / 6 leave lanes unused) and iws_unfilter_byte_t (png_filter_math.cuh) runs on them
+// as on ints.
 using I16x8 = int16_t __attribute__((vector_size(16)));
 
 template <size_t LANES>
@@ -333,6 +335,12 @@ struct RowBand {
     size_t dst_skew;  // dst_row_pitch - LANES, likewise for dst
 };
 
+// Lane l of a band (of 16) is byte l % LANES of row l / LANES; lanes past the band's rows are unused.
+template <size_t LANES>
+constexpr bool lane_used(size_t l) {
+    return l / LANES < RowBand<LANES>::kRows;
+}
+
 // The 16 filtered bytes of step t (pixel t - r of row r) as int16 lanes; rows outside the image (pixel < 0 or
 // >= width, or r >= rows) give 0. CHECKED = false: every row is inside (the band's steady state).
 template <size_t LANES, bool CHECKED>
@@ -342,15 +350,18 @@ inline void gather_step(const RowBand<LANES>& band, size_t t, __m128i& lo, __m12
     uint16_t w[8];  // word j: lanes 2j, 2j + 1
 #pragma GCC unroll 8
     for (size_t j = 0; j < 8; ++j) {
-        if (LANES == 2) {  // row j's two bytes
-            uint16_t v = 0;
-            if (inside(j)) std::memcpy(&v, p + j * band.src_skew, 2);
-            w[j] = v;
-        } else {  // rows 2j and 2j + 1
-            const unsigned v0 = inside(2 * j) ? p[2 * j * band.src_skew] : 0u;
-            const unsigned v1 = inside(2 * j + 1) ? p[(2 * j + 1) * band.src_skew] : 0u;
-            w[j] = (uint16_t)(v0 | v1 << 8);
+        uint16_t v = 0;
+        if (LANES % 2 == 0) {  // both bytes from one row: one 2-byte load
+            const size_t r = 2 * j / LANES, k = 2 * j % LANES;
+            if (lane_used<LANES>(2 * j) && inside(r)) std::memcpy(&v, p + r * band.src_skew + k, 2);
+        } else {
+#pragma GCC unroll 2
+            for (size_t h = 0; h < 2; ++h) {
+                const size_t l = 2 * j + h, r = l / LANES, k = l % LANES;
+                if (lane_used<LANES>(l) && inside(r)) v |= (uint16_t)(p[r * band.src_skew + k] << (8 * h));
+            }
         }
+        w[j] = v;
     }
     const __m128i words = _mm_set_epi16((short)w[7], (short)w[6], (short)w[5], (short)w[4], (short)w[3], (short)w[2],
                                         (short)w[1], (short)w[0]);
@@ -365,15 +376,17 @@ inline void scatter_step(const RowBand<LANES>& band, size_t t, __m128i lo, __m12
     const uint64_t half[2] = {(uint64_t)_mm_cvtsi128_si64(packed),
                               (uint64_t)_mm_cvtsi128_si64(_mm_unpackhi_epi64(packed, packed))};
     uint8_t* p = band.dst + t * LANES;
+    auto inside = [&](size_t r) { return !CHECKED || (r < band.rows && t - r < band.width); };
 #pragma GCC unroll 16
-    for (size_t r = 0; r < RowBand<LANES>::kRows; ++r) {
-        if (CHECKED && !(r < band.rows && t - r < band.width)) continue;
-        const uint64_t bits = half[r * LANES / 8] >> (8 * (r * LANES % 8));
-        if (LANES == 2) {
+    for (size_t l = 0; l < 16; l += (LANES % 2 == 0 ? 2 : 1)) {
+        const size_t r = l / LANES, k = l % LANES;
+        if (!lane_used<LANES>(l) || !inside(r)) continue;
+        const uint64_t bits = half[l / 8] >> (8 * (l % 8));
+        if (LANES % 2 == 0) {
             const uint16_t v = (uint16_t)bits;
-            std::memcpy(p + r * band.dst_skew, &v, 2);
+            std::memcpy(p + r * band.dst_skew + k, &v, 2);
         } else {
-            p[r * band.dst_skew] = (uint8_t)bits;
+            p[r * band.dst_skew + k] = (uint8_t)bits;
         }
     }
 }
@@ -389,12 +402,10 @@ void unfilter_band(const RowBand<LANES>& band) {
         constexpr bool kChecked = decltype(checked)::value;
         __m128i x_lo, x_hi;
         gather_step<LANES, kChecked>(band, t, x_lo, x_hi);
-        unsigned up = 0;  // row 0's b: the row above the band at pixel t
-        if (band.above && (!kChecked || t < band.width)) {
-            up = band.above[t * LANES];
-            if (LANES == 2) up |= (unsigned)band.above[t * LANES + 1] << 16;
-        }
-        const __m128i nb_lo = _mm_or_si128(_mm_slli_si128(out_lo, 2 * LANES), _mm_cvtsi32_si128((int)up));
+        uint64_t up = 0;  // row 0's b: the row above the band at pixel t, its LANES bytes in lanes 0..LANES-1
+        if (band.above && (!kChecked || t < band.width)) std::memcpy(&up, band.above + t * LANES, LANES);
+        const __m128i up_lanes = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)up), _mm_setzero_si128());
+        const __m128i nb_lo = _mm_or_si128(_mm_slli_si128(out_lo, 2 * LANES), up_lanes);
         const __m128i nb_hi = _mm_or_si128(_mm_slli_si128(out_hi, 2 * LANES), _mm_srli_si128(out_lo, 16 - 2 * LANES));
         I16x8 lo = iws_unfilter_byte_t<I16x8>(FILTER, (I16x8)x_lo, (I16x8)out_lo, (I16x8)nb_lo, (I16x8)b_lo);
         I16x8 hi = iws_unfilter_byte_t<I16x8>(FILTER, (I16x8)x_hi, (I16x8)out_hi, (I16x8)nb_hi, (I16x8)b_hi);
@@ -423,7 +434,7 @@ void unfilter_band_dispatch(unsigned filter, const RowBand<LANES>& band) {
     }
 }
 
-// unfilter_image for 1 or 2 lanes: bands of up to 16 / LANES consecutive rows with one filter type.
+// unfilter_image with the band loop: bands of up to 16 / LANES consecutive rows with one filter type.
 template <size_t LANES>
 void unfilter_image_banded(const uint8_t* raw, size_t height, size_t row_bytes, size_t stride, uint8_t* pixels) {
     RowBand<LANES> band;
@@ -455,8 +466,15 @@ void unfilter_image_banded(const uint8_t* raw, size_t height, size_t row_bytes, 
 void unfilter_image(const uint8_t* raw, size_t height, size_t row_bytes, size_t stride, size_t lanes,
                     uint8_t* pixels) {
 #if IWS_ROW_PARALLEL_UNFILTER
-    if (lanes == 1) return unfilter_image_banded<1>(raw, height, row_bytes, stride, pixels);
-    if (lanes == 2) return unfilter_image_banded<2>(raw, height, row_bytes, stride, pixels);
+    switch (lanes) {
+        case 1: return unfilter_image_banded<1>(raw, height, row_bytes, stride, pixels);
+        case 2: return unfilter_image_banded<2>(raw, height, row_bytes, stride, pixels);
+        case 3: return unfilter_image_banded<3>(raw, height, row_bytes, stride, pixels);
+        case 4: return unfilter_image_banded<4>(raw, height, row_bytes, stride, pixels);
+        case 6: return unfilter_image_banded<6>(raw, height, row_bytes, stride, pixels);
+        case 8: return unfilter_image_banded<8>(raw, height, row_bytes, stride, pixels);
+        default: break;
+    }
 #endif
     const size_t width = row_bytes / stride;
     const size_t pitch = width * lanes;

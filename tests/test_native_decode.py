@@ -93,24 +93,31 @@ def filter_runs(rng: np.random.Generator, height: int) -> list[int]:
     return types[:height]
 
 
-@pytest.mark.parametrize("bit_depth", [8, 16])
-@pytest.mark.parametrize("width", [1, 3, 8, 9, 16, 17, 45])
-def test_unfilter_of_row_runs_equals_the_pixels(bit_depth: int, width: int) -> None:
-    """Grey rows in runs of one filter type (the row-parallel path), bands narrower and wider than their rows."""
+@pytest.mark.parametrize("color_type, bit_depth", [(0, 8), (0, 16), (2, 8), (4, 16), (2, 16), (6, 16)],
+                         ids=["1-byte", "2-byte", "3-byte", "4-byte", "6-byte", "8-byte"])  # pixel sizes
+@pytest.mark.parametrize("width", [1, 3, 8, 9, 17, 45])
+def test_unfilter_of_row_runs_equals_the_pixels(color_type: int, bit_depth: int, width: int) -> None:
+    """Rows in runs of one filter type (the row-parallel unfilter), every pixel size, bands narrower and wider than
+    their rows: the general unfilter gives the pixels, decode_preprocess the reference (full path for colour, the
+    grey lanes of an R=G=B copy)."""
     from iws_engine.kernels import _cpu_decode as core
 
-    rng = np.random.default_rng([bit_depth, width])
+    rng = np.random.default_rng([color_type, bit_depth, width])
     height = 67
-    pixels = random_pixels(rng, height, width, 0, bit_depth)
+    pixels = random_pixels(rng, height, width, color_type, bit_depth)
     raw = filter_image(pixels, bit_depth, filters=filter_runs(rng, height))
-    stride = bit_depth // 8
-    out = np.zeros(height * width * stride, np.uint8)
-    assert core.unfilter(np.frombuffer(raw, np.uint8), height, width * stride, stride, out)[0] == core.STATUS_FULL
-    expected = pixels.astype(">u2" if bit_depth == 16 else np.uint8).tobytes()
-    assert out.tobytes() == expected
-    rgba = np.concatenate([pixels] * 3 + [random_pixels(rng, height, width, 0, bit_depth)], 2)  # R=G=B, any alpha
-    data = encode_png(rgba, 6, bit_depth, raw=filter_image(rgba, bit_depth, filters=filter_runs(rng, height)))
+    bpp = pixels.shape[2] * bit_depth // 8
+    out = np.zeros(height * width * bpp, np.uint8)
+    assert core.unfilter(np.frombuffer(raw, np.uint8), height, width * bpp, bpp, out)[0] == core.STATUS_FULL
+    assert out.tobytes() == pixels.astype(">u2" if bit_depth == 16 else np.uint8).tobytes()
     spec = PreprocessSpec(mean=0.5, std=0.25, size=(31, 7))
+    data = encode_png(pixels, color_type, bit_depth, raw=raw)
+    actual, path = native_input(data, spec)
+    assert path == (native.FULL if color_type in (2, 6) else native.GREY_LANES)
+    assert_bits_equal(actual, preprocess_reference(pixels, spec))
+    grey = pixels[:, :, :1]
+    rgba = np.concatenate([grey] * 3 + [random_pixels(rng, height, width, 0, bit_depth)], 2)  # R=G=B, any alpha
+    data = encode_png(rgba, 6, bit_depth, raw=filter_image(rgba, bit_depth, filters=filter_runs(rng, height)))
     actual, path = native_input(data, spec)
     assert path == native.GREY_LANES
     assert_bits_equal(actual, preprocess_reference(rgba, spec))
