@@ -255,6 +255,26 @@ def test_pngsuite_equals_the_reference() -> None:
     assert taken >= 20, taken  # the suite's non-interlaced 8/16-bit grey/colour files
 
 
+@pytest.mark.parametrize("bit_depth", [8, 16])
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 9])
+def test_one_differing_sample_anywhere_in_a_row_takes_the_full_path(bit_depth: int, width: int) -> None:
+    """The grey detection compares 16 filtered bytes at a time, then the row's last pixels one by one: a sample off
+    by one in any column and colour channel, alone in the image, is found."""
+    rng = np.random.default_rng([bit_depth, width])
+    grey = random_pixels(rng, 3, width, 0, bit_depth)
+    base = np.concatenate([grey] * 3 + [random_pixels(rng, 3, width, 0, bit_depth)], 2)
+    spec = PreprocessSpec(mean=0.5, std=0.25, size=(2, 2))
+    for x in range(width):
+        for channel in range(3):
+            pixels = base.copy()
+            pixels[1, x, channel] ^= 1
+            data = make_png(pixels, 6, bit_depth)
+            out, path = native_input(data, spec)
+            assert path == native.FULL, (x, channel)
+            assert_bits_equal(out, reference_input(data, spec))
+    assert native_input(make_png(base, 6, bit_depth), spec)[1] == native.GREY_LANES
+
+
 # --- errors: the same clear per-file messages ---------------------------------------------------------------------
 
 
