@@ -111,11 +111,10 @@ def decode_preprocess(info: PngInfo, spec: PreprocessSpec, out: np.ndarray, *,
 def round_float32(values: np.ndarray, out: np.ndarray) -> np.ndarray:
     """float32 `values` rounded into `out` (same shape, float16 or uint16 = bfloat16 bits) as decode_preprocess
     rounds its output: for inputs that take the general decoder and the NumPy reference. Returns `out`."""
-    src = np.ascontiguousarray(values, np.float32).reshape(-1)
-    bits = out.reshape(-1).view(np.uint16)
     if out.shape != values.shape or not out.flags.c_contiguous or out.dtype not in (np.float16, np.uint16):
         raise ValueError(f"round_float32: cannot round {values.shape} values into {out.shape} {out.dtype}")
-    _core.round_float32(src, bits, _out_format(out))
+    src = np.ascontiguousarray(values, np.float32).reshape(-1)
+    _core.round_float32(src, out.reshape(-1).view(np.uint16), _out_format(out))
     return out
 
 
