@@ -5,7 +5,7 @@
 Measures, on the same PNG bytes held in RAM:
   per-core decode   one vignette at a time on one thread (min and median ms/img): old decode only, old decode +
                     preprocess, native (parse + inflate + unfilter + resize/grey/normalise, fused), native forced
-                    through the full (all-lanes) path
+                    through the full (all-lanes) path, native parse alone, native writing bfloat16
   decode threads    CpuLoader batches (decode + preprocess, no model) with 1 and 2 worker threads, old and native
   end to end        Classifier.classify, exact fp32 (ONNX Runtime, Julia-exact preprocessing), old and native loader
   projection        per-core end-to-end rate and the 17 M archive pass on a 56-core server at that per-core rate
@@ -93,6 +93,7 @@ def run(n: int, fmt: str, size: tuple[int, int], runs: int, batch_size: int, sin
     clf = Classifier(None, backend="onnxruntime", batch_size=batch_size, loader="cpu")
     spec = clf.spec
     out = np.empty(spec.size, np.float32)
+    out_bf16 = np.empty(spec.size, native.OUT_DTYPES["bfloat16"])
     few = pool[:single]
 
     per_core = {
@@ -102,6 +103,9 @@ def run(n: int, fmt: str, size: tuple[int, int], runs: int, batch_size: int, sin
         "native_full_path": _per_image_ms(lambda b: native.decode_preprocess(parse_png(b), spec, out, force_full=True),
                                           few, runs),
         "native_parse_only": _per_image_ms(lambda b: parse_png(b), few, runs),
+        # the batch element type inductor bf16 takes (CpuLoader input_dtype="bfloat16")
+        "native_bfloat16_out": _per_image_ms(lambda b: native.decode_preprocess(parse_png(b), spec, out_bf16), few,
+                                             runs),
     }
 
     def loader_pass(workers: int, use_native: bool):

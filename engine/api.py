@@ -16,7 +16,7 @@ import numpy as np
 from iws_engine import backends
 from iws_engine.backends.base import sigmoid
 from iws_engine.export.artifact_cache import needs_artefact
-from iws_engine.loaders import create_loader
+from iws_engine.loaders import create_loader, default_loader_name
 from iws_engine.loaders.cpu import DEFAULT_MAX_PIXELS
 from iws_engine.outputs import Row
 from iws_engine.pipeline import RunStats, expand_inputs, score_batches
@@ -70,8 +70,11 @@ class Classifier:
             self.backend.load(self.weights, (self.spec.channels, *self.spec.size))
         cuda_index = int(str(device).partition(":")[2] or 0) if on_gpu else 0
         # a backend on the CPU gets its inputs copied back to the host (the decode still runs on the GPU)
+        # the CPU loader writes its batches in the element type the backend takes (bfloat16 for inductor bf16)
+        loader_options = {"input_dtype": self.backend.input_dtype} \
+            if self.backend.input_dtype != "float32" and (loader or default_loader_name()) == "cpu" else {}
         self.loader = create_loader(loader, self.spec, batch_size=batch_size, workers=workers, max_pixels=max_pixels,
-                                    device=cuda_index, host_output=not on_gpu)
+                                    device=cuda_index, host_output=not on_gpu, **loader_options)
         self.last_stats = RunStats()
 
     def classify(self, inputs: Iterable[str | Path | bytes], stats: RunStats | None = None) -> Iterator[Row]:

@@ -389,6 +389,9 @@ class BatchingClassifier:
         clf = self.classifier
         try:
             inputs = np.stack([r.inputs for r in batch])
+            as_batch = getattr(self._loader, "as_batch", None)  # e.g. bfloat16 bits -> a bfloat16 tensor
+            if as_batch is not None:
+                inputs = as_batch(inputs)
             for r in batch:
                 r.inputs = None  # the stacked copy is all that is needed now
             # the pipeline's own row making: one batch of decoded inputs -> rows in order

@@ -17,29 +17,48 @@
 
 // PNG spec 9.4 with p = a + b - c, written without the intermediate p, and as selects rather than early returns
 // so that compilers emit conditional moves (rows of noisy SAR data make the branches unpredictable).
-IWS_HD IWS_INLINE unsigned iws_paeth_predictor(unsigned a, unsigned b, unsigned c) {
-    int pa = (int)b - (int)c;
-    int pb = (int)a - (int)c;
-    int pc = (int)a + (int)b - 2 * (int)c;
+// Written once for any signed integer type T with +, -, comparisons and ?: : int here, and in the CPU decoder
+// (kernels/cpu_decode.cpp) also a GCC/Clang vector of int16 lanes, one per row and byte lane, where a comparison
+// gives a lane mask and ?: selects per lane.
+template <typename T>
+IWS_HD IWS_INLINE T iws_paeth_select(T a, T b, T c) {
+    T pa = b - c;
+    T pb = a - c;
+    T pc = a + b - 2 * c;
     pa = pa < 0 ? -pa : pa;
     pb = pb < 0 ? -pb : pb;
     pc = pc < 0 ? -pc : pc;
-    const unsigned b_or_c = pb <= pc ? b : c;
+    const T b_or_c = pb <= pc ? b : c;
     return ((pa <= pb) & (pa <= pc)) ? a : b_or_c;  // & rather than &&: no short-circuit branch
 }
 
-// The predictor of filter type `filter`; 0 for None and for invalid types (which the callers flag).
-IWS_HD IWS_INLINE unsigned iws_filter_predict(unsigned filter, unsigned a, unsigned b, unsigned c) {
+IWS_HD IWS_INLINE unsigned iws_paeth_predictor(unsigned a, unsigned b, unsigned c) {
+    return (unsigned)iws_paeth_select<int>((int)a, (int)b, (int)c);
+}
+
+// The predictor of filter type `filter` (the same for every lane of T); 0 for None and for invalid types (which
+// the callers flag).
+template <typename T>
+IWS_HD IWS_INLINE T iws_filter_predict_t(unsigned filter, T a, T b, T c) {
     if (filter == IWS_FILTER_SUB) return a;
     if (filter == IWS_FILTER_UP) return b;
     if (filter == IWS_FILTER_AVERAGE) return (a + b) >> 1;
-    if (filter == IWS_FILTER_PAETH) return iws_paeth_predictor(a, b, c);
-    return 0u;
+    if (filter == IWS_FILTER_PAETH) return iws_paeth_select(a, b, c);
+    return a - a;  // 0 of type T
+}
+
+IWS_HD IWS_INLINE unsigned iws_filter_predict(unsigned filter, unsigned a, unsigned b, unsigned c) {
+    return (unsigned)iws_filter_predict_t<int>(filter, (int)a, (int)b, (int)c);
 }
 
 // The reconstructed byte: (x + predictor) mod 256.
+template <typename T>
+IWS_HD IWS_INLINE T iws_unfilter_byte_t(unsigned filter, T x, T a, T b, T c) {
+    return (x + iws_filter_predict_t(filter, a, b, c)) & 0xff;
+}
+
 IWS_HD IWS_INLINE unsigned iws_unfilter_byte(unsigned filter, unsigned x, unsigned a, unsigned b, unsigned c) {
-    return (x + iws_filter_predict(filter, a, b, c)) & 0xffu;
+    return (unsigned)iws_unfilter_byte_t<int>(filter, (int)x, (int)a, (int)b, (int)c);
 }
 
 #endif  // IWS_PNG_FILTER_MATH_CUH

@@ -164,6 +164,17 @@ def test_inductor_bf16_on_cpu_is_gated_and_agrees_with_fp32(iws_weights, vignett
         assert bf16.backend.info()["autocast"] is True and bf16.runtime == "inductor bf16"
         got = [r.score for r in bf16.classify([vignettes])]
         ref = [r.score for r in fp32.classify([vignettes])]
+        # the CPU loader writes bfloat16 batches for it (the native core rounds the float32 input), and they score
+        # exactly as the float32 batches do: autocast's first convolution rounds those the same way
+        import torch
+
+        assert bf16.backend.input_dtype == "bfloat16" and bf16.loader.input_dtype == "bfloat16"
+        assert fp32.backend.input_dtype == "float32" and fp32.loader.input_dtype == "float32"
+        files = sorted(vignettes.glob("*.png"))
+        (half,), (full,) = bf16.loader.batches(files), fp32.loader.batches(files)
+        assert half.inputs.dtype == torch.bfloat16 and full.inputs.dtype == np.float32
+        assert torch.equal(half.inputs, torch.from_numpy(full.inputs).to(torch.bfloat16))
+        np.testing.assert_array_equal(bf16.predict(half.inputs), bf16.predict(full.inputs))
     assert np.max(np.abs(np.subtract(got, ref))) <= 5e-3
 
 

@@ -20,7 +20,7 @@ def test_decode_bench_small(tmp_path) -> None:
     r = json.loads(js.read_text())
     assert r["schema"] == "iws-engine/bench-decode/1"
     assert set(r["per_core_decode"]) == {"old_decode", "old_decode_preprocess", "native", "native_full_path",
-                                         "native_parse_only"}
+                                         "native_parse_only", "native_bfloat16_out"}
     assert set(r["decode_threads"]) == {"native_1_threads", "native_2_threads", "old_1_threads", "old_2_threads"}
     assert set(r["end_to_end"]) == {"native", "old"} and r["throughput_img_s"] == r["end_to_end"]["native"]["img_per_s_mean"]
     p = r["projection"]

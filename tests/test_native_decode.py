@@ -20,7 +20,7 @@ from iws_engine.loaders.png import PngError, decode_png, parse_png
 from iws_engine.preprocess import PreprocessSpec, iws_sarcnn_spec, preprocess_reference
 from tests.conftest import PNGSUITE
 from tests.pngtools import chunk, iter_chunks
-from tests.test_png import VALID_FOLDERS, encode_png, random_pixels
+from tests.test_png import VALID_FOLDERS, encode_png, filter_image, random_pixels
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="the native decode core is not built (pip install -e . builds it with CMake)")
@@ -84,6 +84,110 @@ def test_grey_colour_images_take_the_grey_lane_path(color_type: int, bit_depth: 
     forced, forced_path = native_input(data, spec, force_full=True)
     assert forced_path == native.FULL
     assert_bits_equal(forced, expected)
+
+
+def filter_runs(rng: np.random.Generator, height: int) -> list[int]:
+    """Row filter types in runs of 1 to 20 rows: the core unfilters runs of rows sharing a type together."""
+    types: list[int] = []
+    while len(types) < height:
+        types += [int(rng.integers(0, 5))] * int(rng.integers(1, 21))
+    return types[:height]
+
+
+@pytest.mark.parametrize("color_type, bit_depth", [(0, 8), (0, 16), (2, 8), (4, 16), (2, 16), (6, 16)],
+                         ids=["1-byte", "2-byte", "3-byte", "4-byte", "6-byte", "8-byte"])  # pixel sizes
+@pytest.mark.parametrize("width", [1, 3, 8, 9, 17, 45])
+def test_unfilter_of_row_runs_equals_the_pixels(color_type: int, bit_depth: int, width: int) -> None:
+    """Rows in runs of one filter type (the row-parallel unfilter), every pixel size, bands narrower and wider than
+    their rows: the general unfilter gives the pixels, decode_preprocess the reference (full path for colour, the
+    grey lanes of an R=G=B copy)."""
+    from iws_engine.kernels import _cpu_decode as core
+
+    rng = np.random.default_rng([color_type, bit_depth, width])
+    height = 67
+    pixels = random_pixels(rng, height, width, color_type, bit_depth)
+    raw = filter_image(pixels, bit_depth, filters=filter_runs(rng, height))
+    bpp = pixels.shape[2] * bit_depth // 8
+    out = np.zeros(height * width * bpp, np.uint8)
+    assert core.unfilter(np.frombuffer(raw, np.uint8), height, width * bpp, bpp, out)[0] == core.STATUS_FULL
+    assert out.tobytes() == pixels.astype(">u2" if bit_depth == 16 else np.uint8).tobytes()
+    spec = PreprocessSpec(mean=0.5, std=0.25, size=(31, 7))
+    data = encode_png(pixels, color_type, bit_depth, raw=raw)
+    actual, path = native_input(data, spec)
+    assert path == (native.FULL if color_type in (2, 6) else native.GREY_LANES)
+    assert_bits_equal(actual, preprocess_reference(pixels, spec))
+    grey = pixels[:, :, :1]
+    rgba = np.concatenate([grey] * 3 + [random_pixels(rng, height, width, 0, bit_depth)], 2)  # R=G=B, any alpha
+    data = encode_png(rgba, 6, bit_depth, raw=filter_image(rgba, bit_depth, filters=filter_runs(rng, height)))
+    actual, path = native_input(data, spec)
+    assert path == native.GREY_LANES
+    assert_bits_equal(actual, preprocess_reference(rgba, spec))
+
+
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    torch = pytest.importorskip("torch", reason="torch is the bfloat16 reference (.to(torch.bfloat16))")
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("std", [0.2251, 5e-6, 3e4, 1e38],
+                         ids=["iws", "float16-overflow", "float16-subnormal", "bfloat16-subnormal"])
+@pytest.mark.parametrize("color_type, grey", [(6, True), (2, False), (0, True)], ids=["rgba-grey", "rgb", "grey"])
+def test_float16_and_bfloat16_outputs_are_the_float32_input_rounded(std: float, color_type: int, grey: bool) -> None:
+    """out as float16 / bfloat16 (uint16 bits): NumPy's astype(np.float16) and torch's .to(torch.bfloat16) of the
+    float32 model input, bit for bit, through both paths, at scales that overflow or go subnormal."""
+    rng = np.random.default_rng([color_type, int(std * 1e4) % 1000])
+    base = random_pixels(rng, 83, 97, 0, 16)
+    if color_type == 0:
+        pixels = base
+    else:
+        colour = [base] * 3 if grey else [base, random_pixels(rng, 83, 97, 4, 16)]  # 1 + 2 channels
+        pixels = np.concatenate(colour + ([random_pixels(rng, 83, 97, 0, 16)] if color_type == 6 else []), 2)
+    data = make_png(pixels, color_type, 16)
+    spec = PreprocessSpec(mean=0.4137, std=std, size=(64, 40))
+    info = parse_png(data)
+    expected32 = np.empty(spec.size, np.float32)
+    path = native.decode_preprocess(info, spec, expected32)
+    assert path == (native.GREY_LANES if grey else native.FULL)
+    assert_bits_equal(expected32, reference_input(data, spec))
+    half = np.full(spec.size, np.nan, np.float16)
+    assert native.decode_preprocess(info, spec, half) == path
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(half.view(np.uint16), expected32.astype(np.float16).view(np.uint16))
+    brain = np.zeros(spec.size, np.uint16)
+    assert native.decode_preprocess(info, spec, brain) == path
+    np.testing.assert_array_equal(brain, _bfloat16_bits(expected32))
+    if std == 5e-6:
+        assert np.isinf(half).any() and np.isfinite(half).any()
+    if std == 3e4:
+        assert ((np.abs(half) < np.finfo(np.float16).tiny) & (half != 0)).any()
+    if std == 1e38:
+        assert ((np.abs(expected32) < np.finfo(np.float32).tiny) & (brain & 0x7fff != 0)).any()
+    with pytest.raises(TypeError, match="float64"):
+        native.decode_preprocess(info, spec, np.empty(spec.size, np.float64))
+
+
+def test_rounding_to_float16_and_bfloat16_equals_numpy_and_torch() -> None:
+    """The core's rounding (native.round_float32, the one decode_preprocess applies) on random float32 bit patterns
+    of every class and on exact ties, normal and subnormal: NumPy's float16 and torch's bfloat16, bit for bit
+    (NaNs: a NaN either way)."""
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32)
+    exponents = rng.integers(0, 256, 20_000, dtype=np.uint32) << 23
+    mantissas = rng.integers(0, 2**23, 20_000, dtype=np.uint32)
+    ties = np.concatenate([exponents | (mantissas & ~np.uint32(0x1FFF)) | 0x1000,  # float16 ties (normal range)
+                           exponents | (mantissas & ~np.uint32(0xFFFF)) | 0x8000,  # bfloat16 ties
+                           np.arange(0x33000000, 0x38800000, 0x800, dtype=np.uint32),  # float16 subnormals
+                           np.uint32([0, 0x80000000, 0x7F800000, 0xFF800000, 0x477FEFFF, 0x477FF000, 0x7F7FFFFF])])
+    values = np.concatenate([bits, ties, ties | 0x80000000]).view(np.float32)
+    nan = np.isnan(values)
+    half = native.round_float32(values, np.empty(values.shape, np.float16))
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    np.testing.assert_array_equal(np.isnan(half), nan)
+    np.testing.assert_array_equal(half.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+    brain = native.round_float32(values, np.empty(values.shape, np.uint16))
+    np.testing.assert_array_equal(brain[~nan], _bfloat16_bits(values)[~nan])
+    assert ((brain[nan] & 0x7F80) == 0x7F80).all() and (brain[nan] & 0x7F).all()
 
 
 # --- synthetic IWS vignettes of every format and row filter ------------------------------------------------------
@@ -152,6 +256,26 @@ def test_pngsuite_equals_the_reference() -> None:
     assert taken >= 20, taken  # the suite's non-interlaced 8/16-bit grey/colour files
 
 
+@pytest.mark.parametrize("bit_depth", [8, 16])
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 9])
+def test_one_differing_sample_anywhere_in_a_row_takes_the_full_path(bit_depth: int, width: int) -> None:
+    """The grey detection compares 16 filtered bytes at a time, then the row's last pixels one by one: a sample off
+    by one in any column and colour channel, alone in the image, is found."""
+    rng = np.random.default_rng([bit_depth, width])
+    grey = random_pixels(rng, 3, width, 0, bit_depth)
+    base = np.concatenate([grey] * 3 + [random_pixels(rng, 3, width, 0, bit_depth)], 2)
+    spec = PreprocessSpec(mean=0.5, std=0.25, size=(2, 2))
+    for x in range(width):
+        for channel in range(3):
+            pixels = base.copy()
+            pixels[1, x, channel] ^= 1
+            data = make_png(pixels, 6, bit_depth)
+            out, path = native_input(data, spec)
+            assert path == native.FULL, (x, channel)
+            assert_bits_equal(out, reference_input(data, spec))
+    assert native_input(make_png(base, 6, bit_depth), spec)[1] == native.GREY_LANES
+
+
 # --- errors: the same clear per-file messages ---------------------------------------------------------------------
 
 
@@ -200,6 +324,50 @@ def test_bad_files_give_the_same_error_either_way(kind: str) -> None:
     assert messages[0].startswith("bad.png: ")
     if kind == "bad-filter-type":
         assert messages[0] == "bad.png: invalid filter type 7 on row 5"
+
+
+def _parse_outcome(data: bytes, verify_crc: bool):
+    try:
+        i = parse_png(data, path="f.png", verify_crc=verify_crc)
+    except PngError as e:
+        return str(e)
+    return (i.width, i.height, i.bit_depth, i.color_type, i.interlace, i.idat, i.adler32, i.trns, i.gamma_fixed,
+            i.srgb, i.sbit, None if i.palette is None else i.palette.tobytes())
+
+
+def test_native_chunk_walk_gives_the_python_walks_results_and_messages(monkeypatch) -> None:
+    """png.parse_png with the core's scan_chunks vs without it, on PngSuite (crashers included) and on files cut,
+    flipped, shortened and lengthened at random: the same PngInfo or the same message, CRCs checked or not."""
+    from iws_engine.loaders import png
+
+    assert png._native_scan_chunks is not None
+    rng = np.random.default_rng(5)
+    files = [p.read_bytes() for p in sorted(PNGSUITE.rglob("*.png"))]
+    assert len(files) > 150
+    cases = []
+    for data in files[::3]:
+        cases.append(data)
+        for kind in range(4):
+            m = bytearray(data)
+            k = int(rng.integers(8, len(m)))
+            if kind == 0:
+                m = m[:k]
+            elif kind == 1:
+                m[k] = (m[k] + 1 + int(rng.integers(255))) % 256
+            elif kind == 2:
+                del m[k : k + int(rng.integers(1, 20))]
+            else:
+                m[k:k] = rng.integers(0, 256, int(rng.integers(1, 13)), dtype=np.uint8).tobytes()
+            cases.append(bytes(m))
+    failures = 0
+    for data in cases:
+        for verify_crc in (True, False):
+            with_native = _parse_outcome(data, verify_crc)
+            monkeypatch.setattr(png, "_native_scan_chunks", None)
+            assert _parse_outcome(data, verify_crc) == with_native
+            monkeypatch.undo()
+            failures += isinstance(with_native, str)
+    assert failures > len(cases) // 2  # most mutations are caught, by many different checks
 
 
 def test_malformed_pngsuite_files_give_the_same_error_either_way() -> None:
@@ -252,6 +420,32 @@ def test_cpu_loader_batches_and_scores_equal_the_reference(vignette_field) -> No
     for a, b in zip(loader.batches(blobs), reference.batches(blobs)):
         assert a.ok == b.ok and a.errors == b.errors
         assert_bits_equal(a.inputs, b.inputs)
+
+
+@pytest.mark.parametrize("input_dtype", ["float16", "bfloat16"])
+def test_cpu_loader_writes_float16_and_bfloat16_batches(vignette_field, input_dtype: str) -> None:
+    """CpuLoader(input_dtype=...): the float32 batches rounded, native or not (an interlaced file takes the general
+    decoder either way), with the same error rows."""
+    torch = pytest.importorskip("torch", reason="bfloat16 batches are torch tensors")
+    from iws_engine.export.synth import encode_png as encode_vignette
+
+    rng = np.random.default_rng(3)
+    blobs = [encode_vignette(vignette_field, "rgba16"), b"not a png", encode_vignette(vignette_field, "gray8"),
+             encode_png(random_pixels(rng, 40, 30, 2, 16), 2, 16, interlace=1)]
+    (full,) = CpuLoader(SPEC, batch_size=4).batches(blobs)
+    for use_native in (True, False):
+        loader = CpuLoader(SPEC, batch_size=4, native=use_native, input_dtype=input_dtype)
+        assert loader.input_dtype == input_dtype
+        (batch,) = loader.batches(blobs)
+        assert batch.ok == full.ok == [0, 2, 3] and batch.errors == full.errors
+        if input_dtype == "float16":
+            assert batch.inputs.dtype == np.float16
+            np.testing.assert_array_equal(batch.inputs.view(np.uint16), full.inputs.astype(np.float16).view(np.uint16))
+        else:
+            assert batch.inputs.dtype == torch.bfloat16
+            assert torch.equal(batch.inputs, torch.from_numpy(full.inputs).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="input_dtype"):
+        CpuLoader(SPEC, input_dtype="float64")
 
 
 def test_the_gil_is_released_while_decoding() -> None:

@@ -98,15 +98,15 @@ def unpack_row(line: bytes, count: int, bit_depth: int) -> np.ndarray:
     return (bits * (1 << np.arange(bit_depth - 1, -1, -1))).sum(axis=1).astype(np.uint8)
 
 
-def filter_image(pixels: np.ndarray, bit_depth: int, first_filter: int = 0) -> bytes:
-    """Scanlines of one (sub-)image, row r filtered with type (first_filter + r) % 5."""
+def filter_image(pixels: np.ndarray, bit_depth: int, first_filter: int = 0, filters: list[int] | None = None) -> bytes:
+    """Scanlines of one (sub-)image, row r filtered with type (first_filter + r) % 5, or filters[r] when given."""
     height, width, channels = pixels.shape
     bpp = max(1, channels * bit_depth // 8)
     out, prev = bytearray(), None
     for r in range(height):
         line = pack_row(pixels[r].reshape(-1), bit_depth)
         prev = prev or bytes(len(line))
-        ftype = (first_filter + r) % 5
+        ftype = (first_filter + r) % 5 if filters is None else filters[r]
         out.append(ftype)
         for i, x in enumerate(line):
             a = line[i - bpp] if i >= bpp else 0

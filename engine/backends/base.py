@@ -32,6 +32,9 @@ def cpu_cores() -> int:
 class Backend(ABC):
     #: registry name, e.g. "torch", "onnxruntime"
     name: str = ""
+    #: the element type of the batches this backend takes as they are ("float32", or "bfloat16" / "float16" where
+    #: it computes in that type anyway): the CPU loader writes its batches in it. Every backend also takes float32.
+    input_dtype: str = "float32"
 
     def __init__(self, precision: str = "fp32", device: str = "cpu"):
         self.precision = precision

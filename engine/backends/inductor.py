@@ -53,6 +53,13 @@ class _CapturedGraph:
 class InductorBackend(Backend):
     name = "inductor"
 
+    @property
+    def input_dtype(self) -> str:
+        """bf16 takes bfloat16 batches as they are: the model's first op, a convolution, casts its input to bfloat16
+        (autocast on the CPU, the converted module on CUDA) with the same round-to-nearest-even the loader applies,
+        so a bfloat16 batch gives the scores of its float32 original."""
+        return "bfloat16" if self.precision == "bf16" else "float32"
+
     def __init__(self, precision: str = "fp32", device: str = "cpu", mode: str | None = None,
                  channels_last: bool = False, cuda_graphs: bool | None = None, max_graphs: int = 16,
                  max_padding: float = 2.0, dynamic: bool | None = None, threads: int | None = None):
@@ -97,6 +104,7 @@ class InductorBackend(Backend):
         self._torch = torch
         self._device = torch.device(self.device)
         compute_dtype = getattr(torch, _TORCH_DTYPE[self.precision])
+        self._compute_dtype = compute_dtype
         self.autocast = not on_cuda and self.precision != "fp32"
         # the dtype inputs and weights are held in: fp32 under autocast, else the compute dtype
         self._dtype = torch.float32 if self.autocast else compute_dtype
@@ -175,8 +183,10 @@ class InductorBackend(Backend):
     # ----- helpers -----
     def _device_input(self, batch):
         """`batch` as a tensor on this backend's device in the compute dtype and memory format."""
-        # transfer first, then cast on the device (a host-side cast of a large batch is slow)
-        x = to_device_tensor(self._torch, batch, self._device).to(self._dtype)
+        # transfer first, then cast on the device (a host-side cast of a large batch is slow); under autocast a
+        # batch already in the compute dtype stays in it (the first convolution would cast it there anyway)
+        x = to_device_tensor(self._torch, batch, self._device)
+        x = x if self.autocast and x.dtype == self._compute_dtype else x.to(self._dtype)
         return x.contiguous(memory_format=self._memory_format)
 
     def _compile_limits(self) -> AbstractContextManager:

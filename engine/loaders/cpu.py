@@ -46,7 +46,7 @@ class Batch:
     """Inputs of one batch: `inputs[k]` belongs to `items[ok[k]]`; failed items have an error."""
 
     items: list[str]
-    inputs: np.ndarray  # (len(ok), C, H, W) float32
+    inputs: np.ndarray  # (len(ok), C, H, W) float32; a torch bfloat16 tensor for CpuLoader(input_dtype="bfloat16")
     ok: list[int]
     errors: dict[int, str] = field(default_factory=dict)
     times: StageTimes = field(default_factory=StageTimes)
@@ -72,7 +72,9 @@ def load_one(item: InputItem, name: str, spec: PreprocessSpec, max_pixels: int, 
 
     With `native` (and the native core built), files it handles go through it in one GIL-free call (its time is
     counted as decode: preprocessing is fused into it); the others, and every file with native=False, through
-    decode_png + the NumPy reference. Both give identical model inputs (tests/test_native_decode.py).
+    decode_png + the NumPy reference. Both give identical model inputs (tests/test_native_decode.py). `out` may
+    also be float16 or uint16 holding bfloat16 (native.OUT_DTYPES, which need the native core): the float32 input
+    rounded to nearest-even, the same either way.
     """
     from iws_engine.loaders import native as native_core
     from iws_engine.loaders.png import decode_parsed, parse_png
@@ -88,7 +90,10 @@ def load_one(item: InputItem, name: str, spec: PreprocessSpec, max_pixels: int, 
         return t
     pixels = decode_parsed(info, path=name)
     t2 = time.perf_counter()
-    preprocess_reference(pixels, spec, out=out)
+    if out.dtype == np.float32:
+        preprocess_reference(pixels, spec, out=out)
+    else:
+        native_core.round_float32(preprocess_reference(pixels, spec), out)
     t3 = time.perf_counter()
     t.read, t.decode, t.preprocess = t1 - t0, t2 - t1, t3 - t2
     return t
@@ -148,9 +153,18 @@ class CpuLoader:
     def __init__(self, spec: PreprocessSpec | None, batch_size: int = 64, workers: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, prefetch_batches: int = 2, *,
                  preprocess_one: PreprocessOne | None = None, item_shape: tuple[int, ...] | None = None,
-                 native: bool = True):
+                 native: bool = True, input_dtype: str = "float32"):
+        """`input_dtype`: the element type of the batches, "float32", or "bfloat16" / "float16" (the float32 input
+        rounded to nearest-even, written so by the native core) for a backend that takes it (Backend.input_dtype);
+        float32 where the native core is not built. bfloat16 batches are torch tensors (NumPy has no bfloat16)."""
+        from iws_engine.loaders import native as native_core
+
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if input_dtype not in native_core.OUT_DTYPES:
+            raise ValueError(f"input_dtype must be one of {', '.join(native_core.OUT_DTYPES)}, not {input_dtype!r}")
+        if preprocess_one is not None and input_dtype != "float32":
+            raise ValueError("a custom preprocess_one writes float32: input_dtype must be float32 with it")
         if preprocess_one is not None and item_shape is None:
             raise ValueError("a custom preprocess_one needs the item_shape it writes")
         if preprocess_one is None and spec is None:
@@ -162,6 +176,8 @@ class CpuLoader:
         self.prefetch_batches = max(1, prefetch_batches)
         self.item_shape = tuple(item_shape) if item_shape is not None else (1, *spec.size)
         self.native = native  # the native decode core where built (load_one); False: decode_png + NumPy reference
+        self.input_dtype = input_dtype if native_core.available() else "float32"
+        self._storage = np.dtype(native_core.OUT_DTYPES[self.input_dtype])  # bfloat16 as its uint16 bits
         self.preprocess_one: PreprocessOne = preprocess_one or self._reference_preprocess
 
     def _reference_preprocess(self, item: InputItem, name: str, out: np.ndarray) -> StageTimes:
@@ -171,7 +187,7 @@ class CpuLoader:
     def load_item(self, item, name: str) -> tuple[np.ndarray | None, str | None, StageTimes]:
         """One input's model input, or (None, error naming `name`); never raises for a bad input.
         (Used per request by iws_engine.batching; batches() writes straight into its batch tensors instead.)"""
-        out = np.empty(self.item_shape, dtype=np.float32)
+        out = np.empty(self.item_shape, dtype=self._storage)
         err, times = self.load_into(item, name, out)
         return (out if err is None else None), err, times
 
@@ -211,7 +227,7 @@ class CpuLoader:
                         return
                     slot = index % self.batch_size  # batches are consecutive runs of batch_size inputs
                     if slot == 0:
-                        tensor = np.empty((self.batch_size, *self.item_shape), dtype=np.float32)
+                        tensor = np.empty((self.batch_size, *self.item_shape), dtype=self._storage)
                     name = _label(item, index)
                     pending.append((name, tensor, pool.submit(self.load_into, item, name, tensor[slot])))
                     index += 1
@@ -231,7 +247,15 @@ class CpuLoader:
                         errors[k] = err
                 batch_tensor = chunk[0][1]
                 inputs = batch_tensor[:len(chunk)] if not errors else batch_tensor[ok]
-                yield Batch(items=labels, inputs=inputs, ok=ok, errors=errors, times=times)
+                yield Batch(items=labels, inputs=self.as_batch(inputs), ok=ok, errors=errors, times=times)
+
+    def as_batch(self, inputs: np.ndarray):
+        """Stacked load_item outputs as the batch a backend takes (bfloat16 bits -> a torch bfloat16 view)."""
+        if self.input_dtype != "bfloat16":
+            return inputs
+        import torch  # a bfloat16 batch is for a torch backend
+
+        return torch.from_numpy(inputs.view(np.int16)).view(torch.bfloat16)
 
 
 def _label(item, index: int) -> str:

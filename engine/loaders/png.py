@@ -36,9 +36,11 @@ try:  # the native core (kernels/cpu_decode.cpp): CRC-32 (libdeflate's, ~10x zli
     # zlib.crc32) and an inflate that also checks the stream ends exactly at the Adler-32 trailer
     from iws_engine.kernels._cpu_decode import crc32 as _crc32
     from iws_engine.kernels._cpu_decode import inflate_into as _native_inflate_into
+    from iws_engine.kernels._cpu_decode import scan_chunks as _native_scan_chunks
 except ImportError:  # pragma: no cover - depends on the install
     _crc32 = zlib.crc32
     _native_inflate_into = None
+    _native_scan_chunks = None
 
 __all__ = ["PngError", "PngInfo", "png_dimensions", "parse_png", "inflate_idat", "decode_png", "decode_parsed", "decode_png_file"]
 
@@ -190,6 +192,49 @@ def _check_zlib_header(idat: bytes, path) -> None:
         raise PngError("IDAT zlib stream: preset dictionary (FDICT) is not allowed in PNG", path)
 
 
+def _walk_chunks(buf: memoryview, path, verify_crc: bool):
+    """(pos, length, type, body) of each chunk after the signature, its framing and (verify_crc) CRC checked.
+
+    The native core (scan_chunks) walks as far as every check passes, joining each run of consecutive IDAT chunks
+    into one record whose body is the joined bytes; this loop then goes on from where it stopped, so a failing
+    chunk is reported here, in these words, either way. The caller stops at IEND.
+    """
+    size = len(buf)
+    pos = 8
+    if _native_scan_chunks is not None:
+        records, pos = _native_scan_chunks(np.frombuffer(buf, np.uint8), pos, verify_crc)
+        for start, length, ctype, idat in records:
+            yield start, length, ctype, buf[start + 8 : start + 8 + length] if idat is None else idat
+    while True:
+        if pos + 8 > size:
+            if pos == size:
+                raise PngError(f"missing IEND chunk (file ends at byte {size})", path)
+            raise PngError(f"truncated file: chunk header at byte {pos} is cut short", path)
+        length = int.from_bytes(buf[pos : pos + 4], "big")
+        ctype = bytes(buf[pos + 4 : pos + 8])
+        name = ctype.decode("latin-1")
+        if not ctype.isalpha():  # bytes.isalpha: ASCII letters only
+            raise PngError(f"invalid chunk type {ctype!r} at byte {pos}", path)
+        if length > MAX_UINT31:
+            raise PngError(f"{name} chunk at byte {pos} declares length {length} > 2^31-1", path)
+        end = pos + 12 + length
+        if end > size:
+            raise PngError(
+                f"truncated file: {name} chunk at byte {pos} declares {length} data bytes "
+                f"but only {max(size - pos - 12, 0)} remain",
+                path,
+            )
+        body = buf[pos + 8 : pos + 8 + length]
+        if verify_crc:
+            stored = int.from_bytes(buf[end - 4 : end], "big")
+            actual = _crc32(body, _crc32(ctype))
+            if stored != actual:
+                reason = f"CRC mismatch in {name} chunk at byte {pos} (stored {stored:08x}, computed {actual:08x})"
+                raise PngError(reason, path)
+        yield pos, length, ctype, body
+        pos = end
+
+
 def parse_png(
     data: bytes | bytearray | memoryview,
     *,
@@ -218,34 +263,8 @@ def parse_png(
     seen_plte = False
     idat_parts: list[memoryview] = []
     idat_done = False  # a non-IDAT chunk followed the IDAT run
-    pos = 8
-    while True:
-        if pos + 8 > size:
-            if pos == size:
-                raise PngError(f"missing IEND chunk (file ends at byte {size})", path)
-            raise PngError(f"truncated file: chunk header at byte {pos} is cut short", path)
-        length = int.from_bytes(buf[pos : pos + 4], "big")
-        ctype = bytes(buf[pos + 4 : pos + 8])
+    for pos, length, ctype, body in _walk_chunks(buf, path, verify_crc):
         name = ctype.decode("latin-1")
-        if not ctype.isalpha():  # bytes.isalpha: ASCII letters only
-            raise PngError(f"invalid chunk type {ctype!r} at byte {pos}", path)
-        if length > MAX_UINT31:
-            raise PngError(f"{name} chunk at byte {pos} declares length {length} > 2^31-1", path)
-        end = pos + 12 + length
-        if end > size:
-            raise PngError(
-                f"truncated file: {name} chunk at byte {pos} declares {length} data bytes "
-                f"but only {max(size - pos - 12, 0)} remain",
-                path,
-            )
-        body = buf[pos + 8 : pos + 8 + length]
-        if verify_crc:
-            stored = int.from_bytes(buf[end - 4 : end], "big")
-            actual = _crc32(body, _crc32(ctype))
-            if stored != actual:
-                reason = f"CRC mismatch in {name} chunk at byte {pos} (stored {stored:08x}, computed {actual:08x})"
-                raise PngError(reason, path)
-
         if ihdr is None and ctype != b"IHDR":
             raise PngError(f"first chunk is {name}, expected IHDR", path)
         if ctype == b"IHDR":
@@ -289,7 +308,6 @@ def parse_png(
                     sbit = bytes(body)
             elif ctype[0:1].isupper():
                 raise PngError(f"unknown critical chunk {name} at byte {pos}", path)
-        pos = end
 
     if not idat_parts:
         raise PngError("no IDAT chunk", path)

@@ -7,10 +7,12 @@ build, -DIWS_SANITIZE=ON), preloads the ASan runtime and passes the sanitized mo
     .venv/bin/python tests/fuzz/campaign.py --runs 1000000           # the long campaign
 
 Two kinds of input, chosen by the first byte, so that mutations reach the native code rather than dying at a CRC:
-- even: a PNG file, parsed without CRC checks, then (when the native core takes it) decoded straight into the model
-  input, once as it comes and once forced through the full (all-lanes) path;
-- odd: a header (width, height, depth, colour type, output size) followed by *inflated* scanlines, handed to the
-  native core as they are (decode_preprocess with is_raw) and to its general unfilter.
+- even: a PNG file, parsed without CRC checks (the native chunk walk, scan_chunks, then the rules), and once with
+  them, then (when the native core takes it) decoded straight into the model input, once as it comes and once
+  forced through the full (all-lanes) path, as float32, float16 or bfloat16 (chosen by a byte of the input);
+- odd: a header (width, height, depth, colour type, output size, output type) followed by *inflated* scanlines,
+  handed to the native core as they are (decode_preprocess with is_raw) and to its general unfilter; the same bytes
+  read as float32 values go through its float16/bfloat16 rounding (round_float32).
 The only acceptable failures are PngError (a clear per-file error); anything else (a Python exception, a sanitizer
 report, a crash) is a finding.
 The general decoder (kernels/png_decode_general.cpp: any depth, colour type, Adam7, palette/tRNS/gamma tables) gets
@@ -54,7 +56,14 @@ def _spec(h: int, w: int) -> PreprocessSpec:
     return PreprocessSpec(mean=0.25, std=0.5, size=(h, w))
 
 
+_OUT_DTYPES = (np.float32, np.float16, np.uint16)  # uint16: bfloat16 bits
+
+
 def fuzz_file(data: bytes) -> None:
+    try:
+        parse_png(data, max_pixels=MAX_PIXELS)  # CRCs checked: the native walk stops at the first bad one
+    except PngError:
+        pass
     try:
         info = parse_png(data, max_pixels=MAX_PIXELS, verify_crc=False)
     except PngError:
@@ -71,8 +80,9 @@ def fuzz_file(data: bytes) -> None:
     h_out = 1 + data[-1] % 40 if data else 8
     w_out = 1 + data[-2] % 40 if len(data) > 1 else 8
     spec = _spec(h_out, w_out)
+    dtype = _OUT_DTYPES[data[-3] % 3 if len(data) > 2 else 0]
     for force_full in (False, True):
-        out = np.empty(spec.size, np.float32)
+        out = np.empty(spec.size, dtype)
         try:
             native.decode_preprocess(info, spec, out, path="fuzz", force_full=force_full)
         except PngError:
@@ -88,6 +98,7 @@ def fuzz_raw(data: bytes) -> None:
     color_type = _COLOUR[data[2] >> 1 & 3]
     h_out, w_out = 1 + data[3] % 48, 1 + data[4] % 48
     force_full = bool(data[5] & 1)
+    out_format = data[6] % 3  # OUT_FLOAT32, OUT_FLOAT16, OUT_BFLOAT16
     body = data[8:] or b"\0"
     bpp = _CHANNELS[color_type] * bit_depth // 8
     row_bytes = width * bpp
@@ -95,10 +106,10 @@ def fuzz_raw(data: bytes) -> None:
     raw = np.frombuffer((body * (need // len(body) + 1))[:need], np.uint8)
     clamp = h_out > height or w_out > width
     cols, rows = imresize_axis_weights(width, w_out, clamp), imresize_axis_weights(height, h_out, clamp)
-    out = np.empty((h_out, w_out), np.float32)
+    out = np.empty((h_out, w_out), _OUT_DTYPES[out_format])
     status, _, _ = _core.decode_preprocess(raw, True, 0, width, height, bit_depth, color_type, cols.i0, cols.i1,
                                            cols.w0, cols.w1, rows.i0, rows.i1, rows.w0, rows.w1, 0.25, 0.5, out,
-                                           force_full)
+                                           force_full, out_format)
     assert status in (_core.STATUS_GREY_LANES, _core.STATUS_FULL, _core.STATUS_BAD_FILTER), status
     unfiltered = np.empty(height * row_bytes, np.uint8)
     status, _, _ = _core.unfilter(raw, height, row_bytes, bpp, unfiltered)
@@ -106,8 +117,15 @@ def fuzz_raw(data: bytes) -> None:
     # a raw stream that is not what it claims must be refused, never read past
     status, _, _ = _core.decode_preprocess(raw[:-1], True, 0, width, height, bit_depth, color_type, cols.i0, cols.i1,
                                            cols.w0, cols.w1, rows.i0, rows.i1, rows.w0, rows.w1, 0.25, 0.5, out,
-                                           force_full)
+                                           force_full, out_format)
     assert status == _core.STATUS_BAD_SHAPE, status
+    # and so must an output plane of another element type than out_format says
+    status, _, _ = _core.decode_preprocess(raw, True, 0, width, height, bit_depth, color_type, cols.i0, cols.i1,
+                                           cols.w0, cols.w1, rows.i0, rows.i1, rows.w0, rows.w1, 0.25, 0.5, out,
+                                           force_full, (out_format + 1) % 3)
+    assert status == _core.STATUS_BAD_SHAPE, status
+    values = np.frombuffer(body[: len(body) // 4 * 4], np.float32)
+    assert _core.round_float32(values, np.empty(values.shape, np.uint16), 1 + out_format % 2)
 
 
 def test_one_input(data: bytes) -> None:
