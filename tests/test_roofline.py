@@ -81,9 +81,12 @@ def test_run_turns_peaks_and_measurements_into_ceilings(tmp_path):
          "throughput_img_s": {"mean": 9999.0}},
     ]}
     decode = {"per_core_decode": {"native": {"ms_min": 8.0}}}
+    e2e = {"rows": [{"config": "onnxruntime:fp32:cpu", "device": "cpu", "precision": "fp32", "batch_size": 16,
+                     "throughput_img_s": {"mean": 7.0}}]}
     (tmp_path / "m.json").write_text(json.dumps(model))
     (tmp_path / "d.json").write_text(json.dumps(decode))
-    r = roofline.run(0.05, tmp_path / "m.json", tmp_path / "d.json", cores=1)
+    (tmp_path / "e.json").write_text(json.dumps(e2e))
+    r = roofline.run(0.05, tmp_path / "m.json", tmp_path / "d.json", cores=1, e2e_json=tmp_path / "e.json")
     fp32 = r["ceilings"]["fp32"]
     peak = r["peaks"]["fp32"]["mac_per_s_all_cores"]
     macs = roofline.sarcnn_macs_per_image()
@@ -93,6 +96,9 @@ def test_run_turns_peaks_and_measurements_into_ceilings(tmp_path):
     core_ms = 8.0 + 1e3 / fp32["model_img_s_ceiling"]
     assert fp32["e2e_img_s_ceiling"] == pytest.approx(1e3 / core_ms)
     assert fp32["archive_hours_at_ceiling"] == pytest.approx(17_000_000 * core_ms / 1e3 / 56 / 3600)
+    assert fp32["e2e_img_s_measured"] == 7.0
+    assert fp32["e2e_fraction_of_ceiling"] == pytest.approx(7.0 / fp32["e2e_img_s_ceiling"])
+    assert "e2e_img_s_measured" not in r["ceilings"]["int8"]  # nothing measured for it
     md = roofline.to_markdown(r)
     assert "| fp32 |" in md and "12.0" in md
 
