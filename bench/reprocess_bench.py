@@ -62,13 +62,25 @@ def configurations(with_ray: bool) -> list[dict]:
     return configs
 
 
-def run_one(config: dict, data: Path, work: Path, n: int) -> dict:
+def model_arguments(weights: Path | None, backend: str | None, precision: str | None) -> list[str]:
+    """The model options every configuration gets (classify and reprocess spell them alike)."""
+    args = ["--weights", str(weights)] if weights else []
+    args += ["--backend", backend] if backend else []
+    return args + (["--precision", precision] if precision else [])
+
+
+def model_label(weights: Path | None, backend: str | None, precision: str | None) -> str:
+    model = f"model {weights.name}" if weights else "embedded SAR_CNN"
+    return f"{model}, {backend or 'onnxruntime'} {precision or 'fp32'}"
+
+
+def run_one(config: dict, data: Path, work: Path, n: int, model_args: list[str] = ()) -> dict:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     target = out / config["output"] if "output" in config else out
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "iws_engine", config["command"][0], str(data), "-o", str(target),
-               *config["command"][1:], "--no-progress"]
+               *config["command"][1:], *model_args, "--no-progress"]
     affinity = config.get("affinity")
     t0 = time.perf_counter()
     r = subprocess.run(command, capture_output=True, text=True,
@@ -123,7 +135,7 @@ def ratios(configs: dict) -> dict:
 def to_markdown(r: dict) -> str:
     c, m = r["config"], r["machine"]
     lines = [f"# Archive pass (reprocess) — {m['cpu']}, {m['cores']} cores", "",
-             f"{c['n']} synthetic {c['format']} {c['size']} PNG files on disk, embedded SAR_CNN, ONNX Runtime fp32, "
+             f"{c['n']} synthetic {c['format']} {c['size']} PNG files on disk, {c.get('model', 'embedded SAR_CNN, onnxruntime fp32')}, "
              f"{c['runs']} run(s) each; commit {r['commit']}, {r['date']}. command = n / whole command wall; "
              "pass = the pass's own rate (see the module docstring).", "",
              "| configuration | processes x threads | command img/s | per core | pass img/s | per core | 17 M here |",
@@ -140,7 +152,8 @@ def to_markdown(r: dict) -> str:
             lines.append(f"| {key} ({goal}) | {q['command_img_s'][key]:.3f} | {q['pass_img_s'][key]:.3f} |")
     p = q["projection_56_cores"]
     lines += ["", f"17 M images on a {SERVER_CORES}-core server at the per-core rate of 2 single-threaded processes "
-              f"({p['per_core_img_s']:.2f} img/s per core): {p['img_s']:.0f} img/s, {p['archive_days']:.2f} days "
+              f"({p['per_core_img_s']:.2f} img/s per core): {p['img_s']:.0f} img/s, {p['archive_days']:.2f} days = "
+              f"{24 * p['archive_days']:.2f} h "
               f"(the paper: {PAPER['pipeline_b_cpu_56_cores_archive_days']} days on its 56-core CPU path, "
               f"{PAPER['pipeline_b_gpu_l40_archive_hours']} h on its L40 GPU)."]
     return "\n".join(lines) + "\n"
@@ -155,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=size_wxh, default=(539, 528), metavar="WxH")
     p.add_argument("--runs", type=positive_int, default=1)
     p.add_argument("--no-ray", action="store_true", help="leave out --engine ray")
+    p.add_argument("--weights", type=Path, help="model weights for every configuration (default: the embedded model)")
+    p.add_argument("--backend", help="backend for every configuration (default: classify's, onnxruntime)")
+    p.add_argument("--precision", help="precision for every configuration (default: fp32; int8/bf16 are gated and "
+                   "built on first use, before the timed runs)")
     p.add_argument("--work", type=Path, help="working folder (default: a temporary folder, removed)")
     p.add_argument("-o", "--output-dir", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)
@@ -173,10 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                 print("ray is not installed (pip install 'iws-engine[ray]'): --engine ray left out", file=sys.stderr)
                 with_ray = False
         configs = configurations(with_ray)
+        model_args = model_arguments(a.weights, a.backend, a.precision)
+        if a.precision not in (None, "fp32"):  # build (gate) the cached artefact once, untimed
+            one = next(data.rglob("*.png"))
+            subprocess.run([sys.executable, "-m", "iws_engine", "classify", str(one), *model_args, "--no-progress"],
+                           check=True, capture_output=True)
         rows: dict[str, list[dict]] = {c["name"]: [] for c in configs}
         for run in range(a.runs):
             for config in configs:  # interleaved: drift on a shared machine hits every configuration alike
-                rows[config["name"]].append(run_one(config, data, work, a.n))
+                rows[config["name"]].append(run_one(config, data, work, a.n, model_args))
                 e = rows[config["name"]][-1]
                 print(f"run {run + 1}: {config['name']}: {e['command_img_s']:.2f} img/s (command), "
                       f"{e['pass_img_s']:.2f} img/s (pass)", file=sys.stderr)
@@ -189,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
          "machine": {"cpu": cpu_name(), "cores": cores, "python": platform.python_version(),
                      "platform": platform.platform()},
          "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
-         "config": {"n": a.n, "format": a.format, "size": f"{a.size[0]}x{a.size[1]}", "runs": a.runs},
+         "config": {"n": a.n, "format": a.format, "size": f"{a.size[0]}x{a.size[1]}", "runs": a.runs,
+                    "model": model_label(a.weights, a.backend, a.precision)},
          "configurations": summary, "ratios": ratios(summary), "paper": PAPER,
          "throughput_img_s": summary["reprocess default"]["command_img_s"],
          "per_core_img_s": summary["reprocess 2 processes x 1 thread"]["command_per_core_img_s"]}
-    stem = f"reprocess-{slug(r['machine']['cpu'])}-{cores}c-{a.format}-{r['date']}-{r['commit']}"
+    flavour = f"-{a.backend or 'onnxruntime'}-{a.precision}" if a.precision not in (None, "fp32") else ""
+    stem = f"reprocess-{slug(r['machine']['cpu'])}-{cores}c-{a.format}{flavour}-{r['date']}-{r['commit']}"
     write_result_files(a.output_dir, stem, r, to_markdown(r))
     return 0
 
