@@ -92,3 +92,40 @@ def run_cli(*args, cwd=None):
 
     return subprocess.run([sys.executable, "-m", "iws_engine", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=600)
+
+
+# ----------------------------------------------------------------------------- gated CPU precisions
+@pytest.fixture(scope="module")
+def module_artefact_cache(tmp_path_factory):
+    """An artefact cache ($IWS_ENGINE_CACHE) for one test module (in-process and CLI subprocesses), never the
+    user's; a module that builds gated artefacts requests it from an autouse fixture of its own."""
+    from iws_engine.export.artifact_cache import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("iws-cache")
+        mp.setenv(CACHE_ENV, str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def rgba16_vignettes(tmp_path_factory):
+    """Eight synthetic RGBA16 vignettes (seed 11) in a folder."""
+    from iws_engine.export.synth import generate
+
+    root = tmp_path_factory.mktemp("vignettes")
+    generate(root, 8, fmt="rgba16", seed=11)
+    return root
+
+
+def cached_int8_folder(weights, backend: str) -> Path:
+    """The cached INT8 artefact of `weights` for `backend` (classify names it after the model's sha256)."""
+    from iws_engine.export import build
+    from iws_engine.export.artifact_cache import cache_root
+
+    (folder,) = (cache_root() / "artifacts").glob(f"sarcnn-{build.sha256_file(weights)[:16]}-{backend}-int8-cpu")
+    return folder
+
+
+def csv_scores(csv_text: str) -> dict[str, float]:
+    """path -> score from classify's CSV output."""
+    return {line.split(",")[0]: float(line.split(",")[1]) for line in csv_text.strip().splitlines()[1:]}

@@ -17,47 +17,29 @@ from iws_engine import backends
 from iws_engine.backends import BackendError
 from iws_engine.export import build
 from iws_engine.export.artifact_cache import CACHE_ENV, FAILED_MANIFEST, cache_root, needs_artefact
-from tests.conftest import run_cli
+from tests.conftest import cached_int8_folder, csv_scores, run_cli
 
 
 @pytest.fixture(scope="module", autouse=True)
-def artefact_cache(tmp_path_factory):
-    """One artefact cache for this module (in-process and CLI subprocesses), never the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("iws-cache")
-        mp.setenv(CACHE_ENV, str(path))
-        yield path
+def artefact_cache(module_artefact_cache):
+    """Every test here builds into, and reads, one cache of its own."""
+    return module_artefact_cache
 
-
-@pytest.fixture(scope="module")
-def vignettes(tmp_path_factory):
-    from iws_engine.export.synth import generate
-
-    root = tmp_path_factory.mktemp("vignettes")
-    generate(root, 8, fmt="rgba16", seed=11)
-    return root
 
 
 def _int8_folder(weights) -> Path:
-    """The cached INT8 artefact of `weights` (classify names it after the model's sha256)."""
-    (folder,) = (cache_root() / "artifacts").glob(f"sarcnn-{build.sha256_file(weights)[:16]}-onnxruntime-int8-cpu")
-    return folder
-
-
-def _scores(csv_text: str) -> dict[str, float]:
-    lines = csv_text.strip().splitlines()[1:]
-    return {line.split(",")[0]: float(line.split(",")[1]) for line in lines}
+    return cached_int8_folder(weights, "onnxruntime")
 
 
 # ----------------------------------------------------------------------------- INT8, real checkpoint
 @pytest.fixture(scope="module")
-def int8_classified(iws_weights, vignettes):
+def int8_classified(iws_weights, rgba16_vignettes):
     """classify --precision int8 without an artefact: builds (gates) and caches it; and the fp32 run."""
     from iws_engine.api import Classifier
 
-    int8 = run_cli("classify", vignettes, "--weights", iws_weights, "--precision", "int8", "--no-progress")
+    int8 = run_cli("classify", rgba16_vignettes, "--weights", iws_weights, "--precision", "int8", "--no-progress")
     with Classifier(iws_weights) as clf:
-        fp32 = {r.path: r.score for r in clf.classify([vignettes])}
+        fp32 = {r.path: r.score for r in clf.classify([rgba16_vignettes])}
     return int8, fp32
 
 
@@ -74,7 +56,7 @@ def test_int8_classify_builds_a_gated_artefact_on_the_real_checkpoint(int8_class
     assert q["op_types"] == {"Conv": 4, "Gemm": 2} and q["calibration"]["source"] == "probes"
     assert q["weights"]["granularity"] == "per output channel" and q["activations"]["type"] == "uint8"
     # on images that are not the probes, the scores stay within the gate's limit of fp32
-    got, ref = _scores(int8.stdout), fp32
+    got, ref = csv_scores(int8.stdout), fp32
     assert got.keys() == ref.keys() and len(got) == 8
     assert max(abs(got[k] - ref[k]) for k in got) <= 2e-2
     assert got != ref  # it did run quantized
@@ -96,16 +78,16 @@ def test_int8_graph_runs_as_fused_integer_kernels(int8_classified, iws_weights, 
     assert "Conv" not in ops and "Gemm" not in ops and "Relu" not in ops
 
 
-def test_int8_artefact_reused_by_classify_artifacts(int8_classified, iws_weights, vignettes):
+def test_int8_artefact_reused_by_classify_artifacts(int8_classified, iws_weights, rgba16_vignettes):
     int8, _ = int8_classified
     folder = _int8_folder(iws_weights)
     built_at = json.loads((folder / "manifest.json").read_text())["built_at"]
-    again = run_cli("classify", vignettes, "--artifacts", folder, "--no-progress")
+    again = run_cli("classify", rgba16_vignettes, "--artifacts", folder, "--no-progress")
     assert again.returncode == 0 and again.stdout == int8.stdout
     assert json.loads((folder / "manifest.json").read_text())["built_at"] == built_at  # not rebuilt
 
 
-def test_a_cached_artefact_runs_on_the_threads_the_caller_gives(int8_classified, iws_weights, vignettes):
+def test_a_cached_artefact_runs_on_the_threads_the_caller_gives(int8_classified, iws_weights, rgba16_vignettes):
     """A reprocess worker asks for one thread: the INT8 artefact's session must use one, not every core."""
     from iws_engine.api import Classifier
 
@@ -116,7 +98,7 @@ def test_a_cached_artefact_runs_on_the_threads_the_caller_gives(int8_classified,
             assert clf.backend.threads == threads and opts.intra_op_num_threads == threads
     with Classifier(iws_weights, precision="int8", threads=1) as clf:  # the cached artefact, through the cache
         assert clf.backend._session.get_session_options().intra_op_num_threads == 1
-        assert len(list(clf.classify([vignettes]))) == 8
+        assert len(list(clf.classify([rgba16_vignettes]))) == 8
 
 
 def test_int8_bad_calibration_is_refused_with_its_figures(iws_weights, tmp_path):
@@ -142,19 +124,19 @@ def test_int8_bad_calibration_is_refused_with_its_figures(iws_weights, tmp_path)
 
 
 # ----------------------------------------------------------------------------- INT8, refusal in classify
-def test_classify_int8_refused_by_the_gate_prints_figures_and_remembers(random_weights, vignettes):
+def test_classify_int8_refused_by_the_gate_prints_figures_and_remembers(random_weights, rgba16_vignettes):
     """Random weights: logits ~1e-3 around threshold 0.5, so INT8 flips decisions (measured agreement 0.94)."""
-    first = run_cli("classify", vignettes, "--weights", random_weights, "--precision", "int8", "--no-progress")
+    first = run_cli("classify", rgba16_vignettes, "--weights", random_weights, "--precision", "int8", "--no-progress")
     assert first.returncode == 2 and first.stdout == ""
     assert "parity gate failed for int8" in first.stderr and "decision agreement 0." in first.stderr
-    second = run_cli("classify", vignettes, "--weights", random_weights, "--precision", "int8", "--no-progress")
+    second = run_cli("classify", rgba16_vignettes, "--weights", random_weights, "--precision", "int8", "--no-progress")
     assert second.returncode == 2
     assert first.stderr.strip().splitlines()[-1] in second.stderr  # the same figures ...
     assert "delete " in second.stderr and "to build again" in second.stderr  # ... from the recorded refusal
 
 
 # ----------------------------------------------------------------------------- bf16, real checkpoint
-def test_inductor_bf16_on_cpu_is_gated_and_agrees_with_fp32(iws_weights, vignettes):
+def test_inductor_bf16_on_cpu_is_gated_and_agrees_with_fp32(iws_weights, rgba16_vignettes):
     from iws_engine.api import Classifier
 
     with Classifier(iws_weights, backend="inductor", precision="bf16") as bf16, Classifier(iws_weights) as fp32:
@@ -162,15 +144,15 @@ def test_inductor_bf16_on_cpu_is_gated_and_agrees_with_fp32(iws_weights, vignett
         # measured: max |dp| 0.0027 (a wholesale bf16 conversion: 0.0076, over the limit)
         assert p["passed"] and p["decision_agreement"] == 1.0 and p["max_abs_dp"] <= 5e-3
         assert bf16.backend.info()["autocast"] is True and bf16.runtime == "inductor bf16"
-        got = [r.score for r in bf16.classify([vignettes])]
-        ref = [r.score for r in fp32.classify([vignettes])]
+        got = [r.score for r in bf16.classify([rgba16_vignettes])]
+        ref = [r.score for r in fp32.classify([rgba16_vignettes])]
         # the CPU loader writes bfloat16 batches for it (the native core rounds the float32 input), and they score
         # exactly as the float32 batches do: autocast's first convolution rounds those the same way
         import torch
 
         assert bf16.backend.input_dtype == "bfloat16" and bf16.loader.input_dtype == "bfloat16"
         assert fp32.backend.input_dtype == "float32" and fp32.loader.input_dtype == "float32"
-        files = sorted(vignettes.glob("*.png"))
+        files = sorted(rgba16_vignettes.glob("*.png"))
         (half,), (full,) = bf16.loader.batches(files), fp32.loader.batches(files)
         assert half.inputs.dtype == torch.bfloat16 and full.inputs.dtype == np.float32
         assert torch.equal(half.inputs, torch.from_numpy(full.inputs).to(torch.bfloat16))

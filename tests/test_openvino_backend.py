@@ -24,8 +24,8 @@ from iws_engine import backends
 from iws_engine.backends import BackendError
 from iws_engine.backends.base import sigmoid
 from iws_engine.export import build
-from iws_engine.export.artifact_cache import CACHE_ENV, cache_root, needs_artefact
-from tests.conftest import run_cli
+from iws_engine.export.artifact_cache import needs_artefact
+from tests.conftest import cached_int8_folder, csv_scores, run_cli
 
 requires_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None,
@@ -33,31 +33,14 @@ requires_openvino = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def artefact_cache(tmp_path_factory):
-    """One artefact cache for this module (in-process and CLI subprocesses), never the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("iws-cache")
-        mp.setenv(CACHE_ENV, str(path))
-        yield path
+def artefact_cache(module_artefact_cache):
+    """Every test here builds into, and reads, one cache of its own."""
+    return module_artefact_cache
 
-
-@pytest.fixture(scope="module")
-def vignettes(tmp_path_factory):
-    from iws_engine.export.synth import generate
-
-    root = tmp_path_factory.mktemp("vignettes")
-    generate(root, 8, fmt="rgba16", seed=11)
-    return root
 
 
 def _folder(weights, backend: str = "openvino") -> Path:
-    """The cached INT8 artefact of `weights` for `backend` (named after the model's sha256)."""
-    (folder,) = (cache_root() / "artifacts").glob(f"sarcnn-{build.sha256_file(weights)[:16]}-{backend}-int8-cpu")
-    return folder
-
-
-def _scores(csv_text: str) -> dict[str, float]:
-    return {line.split(",")[0]: float(line.split(",")[1]) for line in csv_text.strip().splitlines()[1:]}
+    return cached_int8_folder(weights, backend)
 
 
 # ----------------------------------------------------------------------------- without the package
@@ -85,15 +68,15 @@ def test_openvino_seams_refuse_what_it_cannot_run():
 
 # ----------------------------------------------------------------------------- INT8, real checkpoint
 @pytest.fixture(scope="module")
-def int8_classified(iws_weights, vignettes):
+def int8_classified(iws_weights, rgba16_vignettes):
     """classify --backend openvino --precision int8 without an artefact: builds (gates) and caches it."""
     pytest.importorskip("openvino", reason="openvino is not installed (pip install 'iws-engine[openvino]')")
     from iws_engine.api import Classifier
 
-    int8 = run_cli("classify", vignettes, "--weights", iws_weights, "--backend", "openvino", "--precision", "int8",
+    int8 = run_cli("classify", rgba16_vignettes, "--weights", iws_weights, "--backend", "openvino", "--precision", "int8",
                    "--no-progress")
     with Classifier(iws_weights) as clf:
-        fp32 = {r.path: r.score for r in clf.classify([vignettes])}
+        fp32 = {r.path: r.score for r in clf.classify([rgba16_vignettes])}
     return int8, fp32
 
 
@@ -117,7 +100,7 @@ def test_openvino_int8_classify_builds_a_gated_artefact_on_the_real_checkpoint(i
     other = {**m, "environment": {**m["environment"], "openvino": "2020.1.0"}}
     assert any(w.startswith("openvino '2020.1.0' (built)") for w in build.mismatch(other, build.environment("cpu")))
     # on images that are not the probes, the scores stay within the gate's limit of fp32
-    got = _scores(int8.stdout)
+    got = csv_scores(int8.stdout)
     assert got.keys() == fp32.keys() and len(got) == 8
     assert max(abs(got[k] - fp32[k]) for k in got) <= 2e-2
     assert got != fp32  # it did run quantized
@@ -152,11 +135,11 @@ def test_openvino_int8_equals_onnxruntime_int8_on_the_same_graph(int8_classified
 
 
 @requires_openvino
-def test_openvino_int8_artefact_reused_by_classify_artifacts(int8_classified, iws_weights, vignettes):
+def test_openvino_int8_artefact_reused_by_classify_artifacts(int8_classified, iws_weights, rgba16_vignettes):
     int8, _ = int8_classified
     folder = _folder(iws_weights)
     built_at = json.loads((folder / "manifest.json").read_text())["built_at"]
-    again = run_cli("classify", vignettes, "--artifacts", folder, "--no-progress")
+    again = run_cli("classify", rgba16_vignettes, "--artifacts", folder, "--no-progress")
     assert again.returncode == 0 and again.stdout == int8.stdout
     assert json.loads((folder / "manifest.json").read_text())["built_at"] == built_at  # not rebuilt
 

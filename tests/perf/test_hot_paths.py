@@ -174,35 +174,32 @@ def test_onnxruntime_inference(benchmark, random_model):
     _check("onnxruntime_sarcnn_b8", benchmark, lambda: b.infer(x, out), _arithmetic_reference())
 
 
-def test_onnxruntime_int8_inference(benchmark, random_model, tmp_path):
-    """The INT8 QDQ graph (fused QLinearConv/QGemm kernels), calibrated here on noise: speed only."""
-    from iws_engine import backends
+@pytest.fixture(scope="module")
+def int8_graph(random_model, tmp_path_factory):
+    """The INT8 QDQ graph of the random model, calibrated here on noise (speed only), and its batch of 8."""
     from iws_engine.export import weights
     from iws_engine.export.onnx import export_onnx
     from iws_engine.export.quantize_int8 import quantize_int8
 
+    folder = tmp_path_factory.mktemp("int8")
     x = np.random.default_rng(2).standard_normal((8, 1, 256, 256)).astype(np.float32)
-    source = export_onnx(weights.load(random_model), tmp_path / "model.onnx")
-    quantize_int8(source, tmp_path / "model.int8.onnx", [x])
-    b = backends.create("onnxruntime", precision="int8", threads=1).load(tmp_path / "model.int8.onnx", (1, 256, 256))
-    out = np.empty(8, np.float32)
-    _check("onnxruntime_int8_sarcnn_b8", benchmark, lambda: b.infer(x, out), _arithmetic_reference())
+    source = export_onnx(weights.load(random_model), folder / "model.onnx")
+    quantize_int8(source, folder / "model.int8.onnx", [x])
+    return folder / "model.int8.onnx", x
 
 
-def test_openvino_int8_inference(benchmark, random_model, tmp_path):
-    """The same INT8 QDQ graph on OpenVINO (oneDNN int8 convolutions), one thread: speed only."""
-    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'iws-engine[openvino]')")
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_inference(benchmark, int8_graph, backend):
+    """The INT8 QDQ graph on one thread: ONNX Runtime's fused QLinearConv/QGemm kernels, OpenVINO's oneDNN int8
+    convolutions."""
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="openvino is not installed (pip install 'iws-engine[openvino]')")
     from iws_engine import backends
-    from iws_engine.export import weights
-    from iws_engine.export.onnx import export_onnx
-    from iws_engine.export.quantize_int8 import quantize_int8
 
-    x = np.random.default_rng(2).standard_normal((8, 1, 256, 256)).astype(np.float32)
-    source = export_onnx(weights.load(random_model), tmp_path / "model.onnx")
-    quantize_int8(source, tmp_path / "model.int8.onnx", [x])
-    b = backends.create("openvino", precision="int8", threads=1).load(tmp_path / "model.int8.onnx", (1, 256, 256))
+    graph, x = int8_graph
+    b = backends.create(backend, precision="int8", threads=1).load(graph, (1, 256, 256))
     out = np.empty(8, np.float32)
-    _check("openvino_int8_sarcnn_b8", benchmark, lambda: b.infer(x, out), _arithmetic_reference())
+    _check(f"{backend}_int8_sarcnn_b8", benchmark, lambda: b.infer(x, out), _arithmetic_reference())
 
 
 def test_end_to_end_classify(benchmark, random_model, vignette_png, inflate_reference):
