@@ -28,7 +28,9 @@ FAILED_MANIFEST = "manifest.failed.json"
 
 def needs_artefact(backend: str, precision: str, device: str = "cpu") -> bool:
     """Whether (backend, precision, device) runs only from a built, parity-gated artefact."""
-    if backend in ("onnxruntime", "openvino") and precision == "int8":
+    from iws_engine.export.build import INT8_QDQ_BACKENDS
+
+    if backend in INT8_QDQ_BACKENDS and precision == "int8":
         return True
     return backend == "inductor" and precision in ("bf16", "fp16") and not str(device).startswith("cuda")
 

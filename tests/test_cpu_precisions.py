@@ -101,8 +101,12 @@ def test_a_cached_artefact_runs_on_the_threads_the_caller_gives(int8_classified,
         assert len(list(clf.classify([rgba16_vignettes]))) == 8
 
 
-def test_int8_bad_calibration_is_refused_with_its_figures(iws_weights, tmp_path):
-    """--calib reaches the quantizer: two flat grey images give ranges far too narrow for real inputs."""
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_bad_calibration_is_refused_with_its_figures(iws_weights, tmp_path, backend):
+    """--calib reaches the quantizer (both INT8 backends build the same graph): two flat grey images give ranges
+    far too narrow for real inputs."""
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="openvino is not installed (pip install 'iws-engine[openvino]')")
     from iws_engine.export.synth import encode_png
 
     calib = tmp_path / "flat"
@@ -110,7 +114,7 @@ def test_int8_bad_calibration_is_refused_with_its_figures(iws_weights, tmp_path)
     for i, level in enumerate((0.45, 0.5)):
         (calib / f"flat{i}.png").write_bytes(encode_png(np.full((528, 539), level), "gray8"))
     out = tmp_path / "art"
-    r = run_cli("build", "--weights", iws_weights, "--backend", "onnxruntime", "--precision", "int8",
+    r = run_cli("build", "--weights", iws_weights, "--backend", backend, "--precision", "int8",
                 "--calib", calib, "-o", out)
     assert r.returncode == 2
     # measured: max |dp| 0.774, decision agreement 0.6667
@@ -118,7 +122,8 @@ def test_int8_bad_calibration_is_refused_with_its_figures(iws_weights, tmp_path)
     assert "(min 0.995)" in r.stderr
     assert not (out / "manifest.json").exists()
     failed = json.loads((out / FAILED_MANIFEST).read_text())
-    assert failed["parity"]["passed"] is False and failed["parity"]["max_abs_dp"] > 2e-2
+    assert failed["backend"] == backend and failed["parity"]["passed"] is False
+    assert failed["parity"]["max_abs_dp"] > 2e-2
     assert failed["calibration"]["images"] == 2
     assert failed["artefact_build"]["quantization"]["calibration"]["source"] == "--calib"
 
