@@ -13,7 +13,6 @@ Writes a JSON and a Markdown table named after the CPU, backend, date and commit
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iws_engine.bench.runner import cpu_name as _cpu_name
+from iws_engine.bench.runner import machine_record
 from iws_engine.bench.runner import git_commit as _commit
 from iws_engine.bench.report import slug, write_result_files
 
@@ -77,7 +76,7 @@ def run(n: int, fmt: str, size: tuple[int, int], runs: int, batch_size: int, bac
     mean_bytes = float(np.mean([len(b) for b in blobs]))
     return {
         "schema": "iws-engine/bench-cpu-e2e/1",
-        "machine": {"cpu": _cpu_name(), "cores": cores, "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_record(cores),
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"),
         "config": {"n": n, "format": fmt, "size": f"{width}x{height}", "mean_png_bytes": mean_bytes, "runs": runs,

@@ -17,7 +17,6 @@ Writes a JSON and a Markdown table named after the CPU, cores, date and commit.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from iws_engine.bench.projection import DEFAULT_ARCHIVE_IMAGES
-from iws_engine.bench.runner import cpu_name as _cpu_name
+from iws_engine.bench.runner import machine_record
 from iws_engine.bench.runner import git_commit as _commit
 from iws_engine.bench.report import slug, write_result_files
 
@@ -126,8 +125,7 @@ def run(n: int, fmt: str, size: tuple[int, int], runs: int, batch_size: int, sin
     general = _general_decode_rows(few, runs)
     return {
         "schema": "iws-engine/bench-decode/1",
-        "machine": {"cpu": _cpu_name(), "cores": cores, "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": machine_record(cores),
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"),
         "config": {"n": n, "format": fmt, "size": f"{width}x{height}", "runs": runs, "batch_size": batch_size,

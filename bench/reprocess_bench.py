@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 from iws_engine.bench.projection import DEFAULT_ARCHIVE_IMAGES
-from iws_engine.bench.runner import cpu_name, git_commit
+from iws_engine.bench.runner import git_commit, machine_record
 from iws_engine.bench.report import slug, write_result_files
 
 PAPER = {"pipeline_b_gpu_l40_archive_hours": 1.4, "pipeline_b_cpu_56_cores_archive_days": 12.9}
@@ -208,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     cores = len(os.sched_getaffinity(0))
     r = {"schema": "iws-engine/bench-reprocess/1",
-         "machine": {"cpu": cpu_name(), "cores": cores, "python": platform.python_version(),
-                     "platform": platform.platform()},
+         "machine": machine_record(cores),
          "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
          "config": {"n": a.n, "format": a.format, "size": f"{a.size[0]}x{a.size[1]}", "runs": a.runs,
                     "model": model_label(a.weights, a.backend, a.precision)},

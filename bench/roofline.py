@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from iws_engine.bench.projection import DEFAULT_ARCHIVE_IMAGES
 from iws_engine.bench.report import slug, write_result_files
-from iws_engine.bench.runner import cpu_name as _cpu_name
+from iws_engine.bench.runner import machine_record
 from iws_engine.bench.runner import git_commit as _commit
 
 KINDS = ("fp32", "bf16", "int8")
@@ -145,7 +144,7 @@ def run(seconds: float, model_json: Path | None, decode_json: Path | None, cores
         ceilings[precision] = row
     return {
         "schema": "iws-engine/bench-roofline/1",
-        "machine": {"cpu": _cpu_name(), "cores": cores, "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_record(cores),
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d"),
         "config": {"seconds": seconds, "model_json": str(model_json) if model_json else None,

@@ -77,6 +77,11 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def machine_record(cores: int) -> dict:
+    """The machine a result was measured on, as every benchmark's JSON records it."""
+    return {"cpu": cpu_name(), "cores": cores, "python": platform.python_version(), "platform": platform.platform()}
+
+
 def git_commit() -> str:
     """Short hash of the checkout's HEAD, or "unknown" outside a git checkout."""
     try:

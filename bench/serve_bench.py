@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import platform
 import statistics
 import threading
 import time
@@ -150,15 +149,14 @@ def run(n: int, fmt: str, size: tuple[int, int], runs: int, callers: list[int], 
     from iws_engine.api import Classifier
     from iws_engine.backends.base import cpu_cores
     from iws_engine.batching import BatchingClassifier
-    from iws_engine.bench.runner import cpu_name, git_commit, synthetic_pngs
+    from iws_engine.bench.runner import git_commit, machine_record, synthetic_pngs
     from iws_engine.serve import ServerThread
 
     blobs = synthetic_pngs(n, fmt, size)
     clf = Classifier(weights, backend=backend, batch_size=batch_size, loader="cpu")
     result: dict = {
         "schema": SCHEMA,
-        "machine": {"cpu": cpu_name(), "cores": cpu_cores(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": machine_record(cpu_cores()),
         "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
         "config": {"n": n, "format": fmt, "size": f"{size[0]}x{size[1]}",
                    "mean_png_bytes": float(np.mean([len(b) for b in blobs])), "runs": runs, "warmup": warmup,

@@ -129,3 +129,16 @@ def cached_int8_folder(weights, backend: str) -> Path:
 def csv_scores(csv_text: str) -> dict[str, float]:
     """path -> score from classify's CSV output."""
     return {line.split(",")[0]: float(line.split(",")[1]) for line in csv_text.strip().splitlines()[1:]}
+
+
+def check_bench_model_runs_int8(weights, backend: str) -> None:
+    """`iws-engine bench --config BACKEND:int8` (model mode) runs the gated artefact classify built (a cache hit)
+    next to ONNX Runtime fp32."""
+    from iws_engine.bench.runner import BenchConfig, run_bench
+
+    result = run_bench([BenchConfig("onnxruntime", "fp32"), BenchConfig(backend, "int8")], mode="model",
+                       batch_sizes=(4,), runs=1, warmup=0, n_images=8, weights=weights)
+    assert [r["config"] for r in result["rows"]] == ["onnxruntime:fp32:cpu", f"{backend}:int8:cpu"]
+    assert all(r["throughput_img_s"]["mean"] > 0 for r in result["rows"])
+    int8 = next(c for c in result["configs"] if c["backend"] == backend and c["precision"] == "int8")
+    assert "error" not in int8 and int8["info"]["precision"] == "int8"

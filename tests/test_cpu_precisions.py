@@ -17,7 +17,7 @@ from iws_engine import backends
 from iws_engine.backends import BackendError
 from iws_engine.export import build
 from iws_engine.export.artifact_cache import CACHE_ENV, FAILED_MANIFEST, cache_root, needs_artefact
-from tests.conftest import cached_int8_folder, csv_scores, run_cli
+from tests.conftest import cached_int8_folder, check_bench_model_runs_int8, csv_scores, run_cli
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -222,14 +222,7 @@ def test_calib_is_refused_where_nothing_calibrates(random_weights, tmp_path):
 
 def test_bench_model_mode_measures_int8_next_to_fp32(iws_weights, int8_classified):
     """`iws-engine bench --config onnxruntime:int8` runs the gated artefact classify built (a cache hit here)."""
-    from iws_engine.bench.runner import BenchConfig, run_bench
-
-    result = run_bench([BenchConfig("onnxruntime", "fp32"), BenchConfig("onnxruntime", "int8")], mode="model",
-                       batch_sizes=(4,), runs=1, warmup=0, n_images=8, weights=iws_weights)
-    assert [r["config"] for r in result["rows"]] == ["onnxruntime:fp32:cpu", "onnxruntime:int8:cpu"]
-    assert all(r["throughput_img_s"]["mean"] > 0 for r in result["rows"])
-    int8 = next(c for c in result["configs"] if c["precision"] == "int8")
-    assert "error" not in int8 and int8["info"]["precision"] == "int8"
+    check_bench_model_runs_int8(iws_weights, "onnxruntime")
 
 
 def test_int8_on_onnxruntime_is_refused_for_eva02_before_any_export(tmp_path):

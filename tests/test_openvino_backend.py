@@ -25,7 +25,7 @@ from iws_engine.backends import BackendError
 from iws_engine.backends.base import sigmoid
 from iws_engine.export import build
 from iws_engine.export.artifact_cache import needs_artefact
-from tests.conftest import cached_int8_folder, csv_scores, run_cli
+from tests.conftest import cached_int8_folder, check_bench_model_runs_int8, csv_scores, run_cli
 
 requires_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None,
@@ -147,14 +147,7 @@ def test_openvino_int8_artefact_reused_by_classify_artifacts(int8_classified, iw
 @requires_openvino
 def test_bench_model_mode_measures_openvino_int8(iws_weights, int8_classified):
     """`iws-engine bench --config openvino:int8` runs the gated artefact classify built (a cache hit here)."""
-    from iws_engine.bench.runner import BenchConfig, run_bench
-
-    result = run_bench([BenchConfig("onnxruntime", "fp32"), BenchConfig("openvino", "int8")], mode="model",
-                       batch_sizes=(4,), runs=1, warmup=0, n_images=8, weights=iws_weights)
-    assert [r["config"] for r in result["rows"]] == ["onnxruntime:fp32:cpu", "openvino:int8:cpu"]
-    assert all(r["throughput_img_s"]["mean"] > 0 for r in result["rows"])
-    ov = next(c for c in result["configs"] if c["backend"] == "openvino")
-    assert "error" not in ov and ov["info"]["precision"] == "int8"
+    check_bench_model_runs_int8(iws_weights, "openvino")
 
 
 # ----------------------------------------------------------------------------- fp32
