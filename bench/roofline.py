@@ -67,21 +67,18 @@ def build_peak_ops(workdir: Path) -> Path:
 def measure_peak(exe: Path, kind: str, processes: int, seconds: float, repeats: int = 1) -> float | None:
     """Multiply-accumulates per second of `processes` copies running at once (summed; the best of `repeats`: a peak
     is what the hardware can do, and anything else running only lowers it); None if unsupported."""
-    if repeats > 1:
-        rates = [measure_peak(exe, kind, processes, seconds) for _ in range(repeats)]
-        return None if rates[0] is None else max(rates)
-    procs = [subprocess.Popen([str(exe), kind, str(seconds)], stdout=subprocess.PIPE, text=True)
-             for _ in range(processes)]
-    total, unsupported = 0.0, False
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode == UNSUPPORTED:
-            unsupported = True
-            continue
-        if p.returncode != 0:
-            raise RuntimeError(f"peak_ops {kind} exited with status {p.returncode}")
-        total += float(out.split()[1])
-    return None if unsupported else total
+    best = 0.0
+    for _ in range(repeats):
+        procs = [subprocess.Popen([str(exe), kind, str(seconds)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(processes)]
+        outputs = [(p, p.communicate()[0]) for p in procs]
+        if any(p.returncode == UNSUPPORTED for p, _ in outputs):
+            return None
+        for p, _ in outputs:
+            if p.returncode != 0:
+                raise RuntimeError(f"peak_ops {kind} exited with status {p.returncode}")
+        best = max(best, sum(float(out.split()[1]) for _, out in outputs))
+    return best
 
 
 def _model_rates(model_json: Path | None) -> dict[str, dict]:
